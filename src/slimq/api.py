@@ -1,0 +1,280 @@
+"""The AMCT-named entry points. Orchestration only: every algorithm lives in a subpackage.
+
+``config_defination`` keeps AMCT's spelling here, and only here, so AMCT scripts run unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import pickle
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ._io import check_writable_dir
+from .config.load import load_config
+from .config.plan import CompressionPlan
+from .config.resolve import resolve
+from .errors import CheckpointError, ConfigError, ExportError, ModelError, RecordError
+from .export.writer import ExportReport, export_models
+from .graph.dataflow import Dataflow
+from .graph.facts import foldable_batchnorms
+from .graph.trace import trace
+from .nn.folding import FOLDED_BN_CLASSES
+from .nn.modules import CompressedLayer, compress_module, iter_compressed, rebase_module
+from .record.session import RecordSession, is_writer_rank
+from .record.store import Record, read_record, write_record
+
+__all__ = [
+    "create_compressed_retrain_model",
+    "restore_compressed_retrain_model",
+    "save_compressed_retrain_model",
+    "plan",
+]
+
+log = logging.getLogger("slimq")
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _check_model(model: Any) -> nn.Module:
+    if isinstance(model, nn.DataParallel):
+        raise ModelError("torch.nn.DataParallel models are not supported: pass model.module, and "
+                         "train with torch.nn.parallel.DistributedDataParallel instead")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ModelError("pass the plain model (ddp_model.module) to slimq, then wrap the model it "
+                         "returns in DistributedDataParallel")
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _check_inputs(input_data: Any) -> Tuple[Any, ...]:
+    if isinstance(input_data, torch.Tensor):
+        return (input_data,)
+    if isinstance(input_data, list):
+        input_data = tuple(input_data)
+    if not isinstance(input_data, tuple) or not any(isinstance(t, torch.Tensor) for t in input_data):
+        raise ModelError("input_data must be a tuple of example input tensors (a single tensor is "
+                         f"also accepted), got {type(input_data).__name__}")
+    return input_data
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # never fall back to editing the caller's model
+        raise ModelError(f"the model cannot be deep-copied ({type(exc).__name__}: {exc}); slimq works "
+                         "on a copy and leaves your model untouched, so it must support copy.deepcopy"
+                         ) from exc
+
+
+def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Point every parent that holds ``old`` (a module may be shared) at ``new``."""
+    for parent in root.modules():
+        for key, child in parent._modules.items():
+            if child is old:
+                parent._modules[key] = new
+
+
+def _distributed_barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _prepare(model: Any, input_data: Any, config_defination: Any
+             ) -> Tuple[nn.Module, Tuple[Any, ...], CompressionPlan, Dataflow]:
+    model = _check_model(model)
+    inputs = _check_inputs(input_data)
+    cfg = load_config(config_defination)
+    work = _copy(model)
+    df = trace(work, inputs)
+    return work, inputs, resolve(cfg, work, df), df
+
+
+def _not_yet(plan: CompressionPlan) -> None:
+    if plan.channel_pruned or plan.sparse:
+        kind = "channel pruning (filter_pruner)" if plan.channel_pruned else "2:4 sparsity (n_out_of_m_pruner)"
+        raise ConfigError(f"{plan.source}: {kind} is parsed and validated but not yet supported by this "
+                          "version of slimq; remove prune_config to run quantization only")
+
+
+def _insert_layers(model: nn.Module, plan: CompressionPlan, df: Dataflow, record: Record,
+                   record_path: str) -> RecordSession:
+    modules = dict(model.named_modules())
+    bn_of = foldable_batchnorms(df, modules)
+    quantized = {lp.name for lp in plan.quantized}
+    session = RecordSession(record_path, record, expected=quantized, rounds=plan.batch_num)
+    for lp in plan:
+        if not (lp.quantized or lp.sparse24):
+            continue
+        old = modules[lp.name]
+        new = compress_module(old, lp, plan.batch_num)
+        new.attach_session(session)
+        bn = modules.get(bn_of.get(lp.name, ""))
+        if lp.quantized and type(bn) in FOLDED_BN_CLASSES:
+            folded_bn = rebase_module(bn, FOLDED_BN_CLASSES[type(bn)])
+            _replace_module(model, bn, folded_bn)
+            new.attach_folded_bn(folded_bn)
+        _replace_module(model, old, new)
+    return session
+
+
+def create_compressed_retrain_model(model: nn.Module, input_data: Any, config_defination: str,
+                                    record_file: str) -> nn.Module:
+    """Compress ``model`` as the config says and return a model ready for retraining.
+
+    A deep copy of ``model`` is traced with ``input_data``, sparsified where configured, and its
+    eligible layers are replaced by QAT layers. The record file is written (rank 0 only);
+    quantization factors are added to it at the first eval-mode forward after training.
+
+    Args:
+        model: a trained ``torch.nn.Module`` (not DataParallel; wrap the result in DDP if needed).
+        input_data: tuple of example input tensors (one real forward pass is run on them).
+        config_defination: path of the simple config file (protobuf text format).
+        record_file: path of the record file to write.
+
+    Returns:
+        The compressed model; ``model`` itself is left untouched.
+
+    Raises:
+        ConfigError, ModelError, GraphError, RecordError: with what to fix.
+    """
+    record_path = os.fspath(check_writable_dir(record_file, "record file", RecordError))
+    work, _, plan, df = _prepare(model, input_data, config_defination)
+    _not_yet(plan)
+    record = Record()
+    _insert_layers(work, plan, df, record, record_path)
+    if is_writer_rank():
+        write_record(record_path, record)
+    _distributed_barrier()
+    log.info("slimq: %d layers quantized (%s)", len(plan.quantized), record_path)
+    return work
+
+
+def _load_checkpoint(pth_file: Any, state_dict_name: Optional[str]) -> Dict[str, torch.Tensor]:
+    path = os.fspath(pth_file) if isinstance(pth_file, (str, os.PathLike)) else None
+    if path is None or not os.path.isfile(path):
+        raise CheckpointError(f"pth_file '{pth_file}' does not exist; pass the checkpoint saved during "
+                              "retraining (torch.save of model.state_dict(), or a dict holding it)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        log.warning("slimq: %s holds non-tensor Python objects; loading it with weights_only=False "
+                    "(only do this with checkpoints you created)", path)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"pth_file '{path}' cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    if state_dict_name is not None:
+        if not isinstance(obj, dict) or state_dict_name not in obj:
+            keys = list(obj)[:10] if isinstance(obj, dict) else []
+            raise CheckpointError(f"pth_file '{path}' has no entry '{state_dict_name}' (state_dict_name); "
+                                  f"its top-level keys are {keys}")
+        obj = obj[state_dict_name]
+    if hasattr(obj, "state_dict") and not isinstance(obj, dict):
+        obj = obj.state_dict()
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = list(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"pth_file '{path}' does not hold a state_dict at the top level (found "
+                              f"{keys}); pass state_dict_name to pick the entry that holds it")
+    if all(k.startswith("module.") for k in obj):  # saved from a DDP wrapper
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def restore_compressed_retrain_model(model: nn.Module, input_data: Any, config_defination: str,
+                                     record_file: str, pth_file: str,
+                                     state_dict_name: Optional[str] = None) -> nn.Module:
+    """Rebuild the compressed model from the record file and load a retraining checkpoint.
+
+    Channels are not re-selected and learned clip ranges, masks and counters come from
+    ``pth_file``: training continues exactly where it stopped.
+
+    Raises:
+        RecordError: the record file is missing, corrupt, or from another model.
+        CheckpointError: ``pth_file`` is missing or its keys do not match the compressed model.
+    """
+    record = read_record(record_file)
+    work, _, plan, df = _prepare(model, input_data, config_defination)
+    _not_yet(plan)
+    state = _load_checkpoint(pth_file, state_dict_name)
+    _insert_layers(work, plan, df, record, os.fspath(record_file))
+    result = work.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"pth_file '{pth_file}' does not match the compressed model: missing keys "
+            f"{result.missing_keys[:8]}{'...' if len(result.missing_keys) > 8 else ''}, unexpected keys "
+            f"{result.unexpected_keys[:8]}{'...' if len(result.unexpected_keys) > 8 else ''}. It must be "
+            "the state_dict of the model that create/restore_compressed_retrain_model returned for "
+            "this config and record file")
+    return work
+
+
+def save_compressed_retrain_model(model: nn.Module, record_file: str, save_path: str, input_data: Any,
+                                  input_names: Optional[List[str]] = None,
+                                  output_names: Optional[List[str]] = None,
+                                  dynamic_axes: Optional[Dict[str, Any]] = None) -> Optional[ExportReport]:
+    """Refresh the record and write ``<save_path>_fake_quant_model.onnx`` and
+    ``<save_path>_deploy_model.onnx``.
+
+    One eval-mode forward on ``input_data`` refreshes the quantization factors (and computes
+    them if the model never ran in eval mode). Under DDP only rank 0 writes; other ranks return
+    None.
+
+    Returns:
+        An :class:`ExportReport` (paths, sizes, ONNX Runtime parity on ``input_data``).
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    model = _check_model(model)
+    inputs = _check_inputs(input_data)
+    layers = list(iter_compressed(model))
+    if not layers:
+        raise ModelError("the model has no slimq layers; pass the model returned by "
+                         "create_compressed_retrain_model or restore_compressed_retrain_model")
+    record_path = os.fspath(check_writable_dir(record_file, "record file", RecordError))
+    if not isinstance(save_path, (str, os.PathLike)) or not os.fspath(save_path):
+        raise ExportError(f"save_path must be a path prefix, got {save_path!r}")
+    save_prefix = os.fspath(save_path)
+    check_writable_dir(save_prefix + "_deploy_model.onnx", "save_path", ExportError)
+    if not is_writer_rank():
+        return None
+    session = next((m.session for _, m in layers if m.session is not None), None)
+    record = session.record if session is not None else Record()
+    _refresh_factors(model, inputs, layers, session)
+    for name, layer in layers:
+        if layer.act_quant is not None:
+            record.set_quant(layer.layer_name, layer.quant_factors())
+    if session is not None:
+        for source in session.mask_sources.values():
+            record.set_selective_mask(source())
+    write_record(record_path, record)
+    return export_models(model, inputs, save_prefix, input_names, output_names, dynamic_axes)
+
+
+def _refresh_factors(model: nn.Module, inputs: Tuple[Any, ...], layers: List[Tuple[str, CompressedLayer]],
+                     session: Optional[RecordSession]) -> None:
+    """One eval forward so searchN has data and every clip range is initialised."""
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        if session is not None:
+            session.mark_training()
+        with torch.no_grad(), (session.deferred() if session is not None else contextlib.nullcontext()):
+            model(*inputs)
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+
+
+def plan(model: nn.Module, input_data: Any, config_defination: str) -> CompressionPlan:
+    """Dry run: what create_compressed_retrain_model would do to each layer (nothing is written)."""
+    _, _, resolved, _ = _prepare(model, input_data, config_defination)
+    return resolved

@@ -1,0 +1,50 @@
+"""One exception family for everything slimq raises on purpose.
+
+Every message names the file, layer or field at fault and says what to do about it.
+``ConfigError`` and ``RecordError`` are also ``ValueError`` so that AMCT-era code that catches
+``ValueError`` keeps working.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "SlimqError",
+    "ConfigError",
+    "RecordError",
+    "GraphError",
+    "ModelError",
+    "CheckpointError",
+    "ExportError",
+    "NumericalError",
+]
+
+
+class SlimqError(Exception):
+    """Base class of every error slimq raises deliberately."""
+
+
+class ConfigError(SlimqError, ValueError):
+    """The simple config file is unreadable, malformed or does not fit the model."""
+
+
+class RecordError(SlimqError, ValueError):
+    """The record file is missing, corrupt, or belongs to another model."""
+
+
+class GraphError(SlimqError):
+    """The model's dataflow could not be discovered from a forward pass."""
+
+
+class ModelError(SlimqError, TypeError):
+    """The model or its input data is not something slimq can work on."""
+
+
+class CheckpointError(SlimqError, ValueError):
+    """The ``pth_file`` checkpoint is missing or does not match the compressed model."""
+
+
+class ExportError(SlimqError):
+    """Writing or checking the ONNX models failed."""
+
+
+class NumericalError(SlimqError, ArithmeticError):
+    """NaN or Inf reached a quantized layer."""

@@ -1,0 +1,123 @@
+"""The dataflow of one real forward pass: nodes (module calls and tensor functions) and values.
+
+A :class:`Value` is one tensor that flowed through the model; a :class:`Node` is one call that
+consumed values and produced values. Nothing here interprets what an op does to channels; that
+is ``graph.channels``' job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["ValueRef", "External", "Opaque", "Value", "Node", "Dataflow"]
+
+
+@dataclass(frozen=True)
+class ValueRef:
+    """Placeholder for a traced tensor inside a node's recorded arguments."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class External:
+    """A tensor that no traced node produced: a parameter, buffer, or constant made in forward."""
+
+    kind: str  # "parameter" | "buffer" | "constant"
+    name: str  # qualified name for parameters/buffers, "" for constants
+    shape: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """An argument that is neither a tensor nor a plain Python value (kept only by type name)."""
+
+    type_name: str
+
+
+@dataclass
+class Value:
+    id: int
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    producer: int  # node id; -1 for model inputs
+    consumers: List[Tuple[int, int]] = field(default_factory=list)  # (node id, input position)
+
+
+@dataclass
+class Node:
+    """One call: a module (``kind='module'``) or a torch function/method (``kind='function'``).
+
+    Attributes:
+        target: module name (``model.named_modules()`` key) or function name such as ``add`` or
+            ``Tensor.view``; in-place variants keep their own names (``Tensor.add_``).
+        module_type: class of the called module, ``None`` for functions.
+        inputs: ids of the tensor values passed in, in argument order (externals excluded).
+        outputs: ids of the tensor values returned.
+        args, kwargs: the call's arguments with tensors replaced by :class:`ValueRef` /
+            :class:`External` and other objects by :class:`Opaque`.
+        out_is_input: the call returned one of its own inputs (in-place op or identity).
+    """
+
+    id: int
+    kind: str
+    target: str
+    module_type: Optional[type] = None
+    inputs: List[int] = field(default_factory=list)
+    outputs: List[int] = field(default_factory=list)
+    args: Tuple[Any, ...] = ()
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    out_is_input: bool = False
+
+    @property
+    def is_module(self) -> bool:
+        return self.kind == "module"
+
+
+@dataclass
+class Dataflow:
+    """Everything one traced forward pass revealed about a model."""
+
+    nodes: List[Node]
+    values: Dict[int, Value]
+    input_ids: List[int]
+    output_ids: List[int]
+    module_types: Dict[str, type]  # every named module, called or not
+    external_values: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+
+    def module_calls(self, name: str) -> List[Node]:
+        return [n for n in self.nodes if n.is_module and n.target == name]
+
+    def called_modules(self) -> Dict[str, int]:
+        counts: Dict[str, int] = {}
+        for n in self.nodes:
+            if n.is_module:
+                counts[n.target] = counts.get(n.target, 0) + 1
+        return counts
+
+    def producer(self, value_id: int) -> Optional[Node]:
+        pid = self.values[value_id].producer
+        return self.nodes[pid] if pid >= 0 else None
+
+    def consumers(self, value_id: int) -> List[Node]:
+        return [self.nodes[nid] for nid, _ in self.values[value_id].consumers]
+
+    def iter_nodes(self, kind: Optional[str] = None) -> Iterator[Node]:
+        return (n for n in self.nodes if kind is None or n.kind == kind)
+
+    def is_output(self, value_id: int) -> bool:
+        return value_id in self.output_ids
+
+    def describe(self, node: Node) -> str:
+        """Human-readable name of a node for messages: module name or 'function add'."""
+        if node.is_module:
+            return f"'{node.target}' ({node.module_type.__name__ if node.module_type else '?'})"
+        return f"function '{node.target}'"
+
+    def first_input(self, node: Node) -> Optional[int]:
+        return node.inputs[0] if node.inputs else None
+
+    def arg_values(self, node: Node) -> Sequence[Any]:
+        return node.args

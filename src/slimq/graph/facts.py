@@ -1,0 +1,124 @@
+"""Per-layer facts read off the dataflow: non-negative inputs and foldable BatchNorms."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Set
+
+from torch import nn
+
+from .dataflow import Dataflow, External, Node
+
+__all__ = ["nonnegative_input", "foldable_batchnorms"]
+
+# Outputs >= 0 whatever the input.
+_NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Softplus)
+_NONNEG_FUNCTIONS = {"relu", "relu_", "relu6", "sigmoid", "sigmoid_", "hardsigmoid", "softmax",
+                     "softplus", "abs", "abs_", "square", "exp"}
+# Outputs >= 0 when every tensor input is: pooling, reshapes, selections, concatenation.
+_SIGN_KEEPING_MODULES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                         nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+                         nn.modules.dropout._DropoutNd, nn.Identity, nn.Flatten, nn.Unflatten,
+                         nn.Upsample, nn.PixelShuffle, nn.ChannelShuffle, nn.ZeroPad2d)
+_SIGN_KEEPING_FUNCTIONS = {
+    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+    "adaptive_max_pool2d", "adaptive_max_pool3d", "flatten", "view", "reshape", "permute",
+    "transpose", "contiguous", "clone", "__getitem__", "cat", "concat", "stack", "squeeze",
+    "unsqueeze", "dropout", "interpolate", "upsample", "pixel_shuffle", "channel_shuffle",
+    "chunk", "split", "narrow", "mean", "amax", "max", "flatten", "expand", "repeat",
+    "detach", "float", "to", "type_as",
+}
+
+
+def nonnegative_input(df: Dataflow, module_name: str) -> bool:
+    """True when every call of ``module_name`` got a first input that is provably >= 0.
+
+    Provable: produced by ReLU-like ops, possibly through pooling, reshapes, selections and
+    concatenations of such tensors. Anything else (including model inputs) is not.
+    """
+    calls = df.module_calls(module_name)
+    return bool(calls) and all(c.inputs and _nonneg(df, c.inputs[0], set()) for c in calls)
+
+
+def _nonneg(df: Dataflow, value_id: int, seen: Set[int]) -> bool:
+    stack = [value_id]
+    while stack:
+        vid = stack.pop()
+        if vid in seen:
+            continue
+        seen.add(vid)
+        node = df.producer(vid)
+        if node is None:
+            return False
+        if _clamps_at_zero(node):
+            continue
+        if not _keeps_sign(node) or not node.inputs:
+            return False
+        if any(isinstance(a, External) for a in _flat(node.args)):
+            return False  # e.g. cat with a parameter: sign unknown
+        stack.extend(node.inputs)
+    return True
+
+
+def _clamps_at_zero(node: Node) -> bool:
+    if node.is_module:
+        if node.module_type is not None and issubclass(node.module_type, _NONNEG_MODULES):
+            return True
+        return False
+    if node.target in _NONNEG_FUNCTIONS:
+        return True
+    if node.target in ("clamp", "clamp_", "clip", "hardtanh"):
+        low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
+        return isinstance(low, (int, float)) and low >= 0
+    return False
+
+
+def _keeps_sign(node: Node) -> bool:
+    if node.is_module:
+        return node.module_type is not None and issubclass(node.module_type, _SIGN_KEEPING_MODULES)
+    return node.target in _SIGN_KEEPING_FUNCTIONS
+
+
+def _flat(args) -> list:
+    out, stack = [], list(args)
+    while stack:
+        a = stack.pop()
+        if isinstance(a, (tuple, list)):
+            stack.extend(a)
+        else:
+            out.append(a)
+    return out
+
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def foldable_batchnorms(df: Dataflow, modules: Dict[str, nn.Module]) -> Dict[str, str]:
+    """{layer name: BatchNorm name} for layers whose output feeds only one BatchNorm.
+
+    Both must be called exactly once, the layer's output must have no other consumer and not be
+    a model output, and the BatchNorm must use running statistics (so it is affine in eval).
+    """
+    counts = df.called_modules()
+    out: Dict[str, str] = {}
+    for node in df.iter_nodes("module"):
+        if counts.get(node.target) != 1 or len(node.outputs) != 1:
+            continue
+        vid = node.outputs[0]
+        users = df.consumers(vid)
+        if len(users) != 1 or df.is_output(vid):
+            continue
+        bn = users[0]
+        if not (bn.is_module and bn.module_type is not None and issubclass(bn.module_type, _BN_TYPES)):
+            continue
+        if counts.get(bn.target) != 1 or bn.inputs[:1] != [vid]:
+            continue
+        bn_module = modules.get(bn.target)
+        if bn_module is None or not bn_module.track_running_stats or bn_module.running_var is None:
+            continue
+        out[node.target] = bn.target
+    return out
+
+
+def producer_module(df: Dataflow, value_id: int) -> Optional[str]:
+    node = df.producer(value_id)
+    return node.target if node is not None and node.is_module else None

@@ -1,0 +1,290 @@
+"""Quantization math as free functions on tensors: ULQ, ARQ, IFMR initialisation, searchN.
+
+Modules in ``slimq.quant.quantizers`` only choose arguments; tests call these functions
+directly and compare them with numpy re-implementations.
+
+Integer grid (AMCT's): a ``b``-bit signed integer ``q`` in ``[-2^(b-1), 2^(b-1)-1]`` with an
+integer offset ``o`` stands for ``(q - o) * s``. Rounding is half-to-even (``torch.round``), as in
+numpy and ONNX ``QuantizeLinear``; division by ``s`` (not multiplication by ``1/s``) matches
+ONNX Runtime.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..errors import NumericalError
+
+__all__ = [
+    "FLT_EPS",
+    "qrange",
+    "ulq_scale_offset",
+    "ulq_fake_quant",
+    "arq_scale",
+    "fake_quant_weight",
+    "ulq_weight_fake_quant",
+    "grad_scale",
+    "ifmr_candidates",
+    "quant_sse",
+    "shift_bit_errors",
+    "MAX_SHIFT",
+]
+
+FLT_EPS = float(torch.finfo(torch.float32).eps)
+MAX_SHIFT = 16
+
+
+def qrange(bits: int) -> Tuple[int, int]:
+    """Signed integer range of ``bits``: (-2^(b-1), 2^(b-1)-1)."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+# --------------------------------------------------------------------------- activations (ULQ)
+
+
+def ulq_scale_offset(clip_max: Tensor, clip_min: Tensor, bits: int,
+                     fp16_scale: bool = False) -> Tuple[Tensor, Tensor]:
+    """Scale and offset of the asymmetric ULQ grid for a clip range.
+
+    ``s = (max(clip_max, 0) - min(clip_min, 0)) / (2^b - 1)`` and
+    ``o = round(-2^(b-1) - min(clip_min, 0) / s)``; a degenerate range gives ``s = 1``.
+    With ``fp16_scale`` the scale is rounded to float16 precision first (FORCE_FP16_QUANT).
+
+    Shapes: any broadcastable shapes; returns float32 tensors of the broadcast shape.
+    """
+    hi = clip_max.detach().float().clamp(min=0.0)
+    lo = clip_min.detach().float().clamp(max=0.0)
+    scale = (hi - lo) / float((1 << bits) - 1)
+    if fp16_scale:
+        scale = scale.half().float()
+    scale = torch.where(scale < FLT_EPS, torch.ones_like(scale), scale)
+    offset = torch.round(-float(1 << (bits - 1)) - lo / scale)
+    return scale, offset
+
+
+class _ULQ(torch.autograd.Function):
+    """y = (clamp(round(x/s) + o, qmin, qmax) - o) * s with LSQ-style clip gradients.
+
+    Backward (round treated as identity where it multiplies a learned quantity):
+      dy/dx = 1 inside the range, 0 where clamped;
+      inside:  dy/dclip_max = (round(x/s) - x/s) / (2^b-1),  dy/dclip_min = -the same;
+      above:   dy/dclip_max = 1;   below: dy/dclip_min = 1.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, clip_max: Tensor, clip_min: Tensor, bits: int, fixed_min: bool,
+                fp16_scale: bool, name: str) -> Tensor:
+        scale, offset = ulq_scale_offset(clip_max.reshape(()), clip_min.reshape(()), bits, fp16_scale)
+        qmin, qmax = qrange(bits)
+        lo, hi = qmin - offset, qmax - offset  # bounds of round(x/s), o being an integer
+        xf = x if x.dtype == torch.float32 else x.float()
+        # Python-number bounds take clamp's fast path on CPU; on GPU, tensors avoid a device sync
+        blo, bhi = (lo, hi) if xf.is_cuda else (float(lo), float(hi))
+        y = torch.div(xf, scale).round_().clamp_(blo, bhi).mul_(scale)
+        ctx.save_for_backward(xf, scale, lo, hi)
+        ctx.bounds = None if xf.is_cuda else (blo, bhi)
+        ctx.bits, ctx.fixed_min, ctx.name = bits, fixed_min, name
+        ctx.clip_shapes = (clip_max.shape, clip_min.shape)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, scale, lo, hi = ctx.saved_tensors
+        blo, bhi = ctx.bounds or (lo, hi)
+        g = grad if grad.dtype == torch.float32 else grad.float()
+        r = torch.div(x, scale).round_()
+        gx = torch.where((r >= blo) & (r <= bhi), g, 0.0)
+        flat_gx, flat_r = gx.reshape(-1), r.reshape(-1)
+        # sum over in-range elements of g * (round(x/s) - x/s)
+        err = torch.dot(flat_gx, flat_r) - torch.dot(flat_gx, x.reshape(-1)) / scale
+        clipped = g.sum() - gx.sum()
+        # clamped elements sit exactly at lo or hi: dot(g_clipped, clamp(r)) = hi*U + lo*L
+        flat_r.clamp_(blo, bhi)
+        weighted = torch.dot(g.reshape(-1), flat_r) - torch.dot(flat_gx, flat_r)
+        upper = (weighted - lo * clipped) / (hi - lo)
+        lower = clipped - upper
+        if not bool(torch.isfinite(err)):  # NaN/Inf in x or in the gradient poisons every sum
+            raise NumericalError(
+                f"NaN or Inf reached quantized layer '{ctx.name}' during training (in its input "
+                "activations or in the gradient flowing back into it); lower the learning rate, "
+                "check the loss and the data, or resume from the last good checkpoint")
+        n = float((1 << ctx.bits) - 1)
+        g_max = err / n + upper
+        g_min = torch.zeros_like(g_max) if ctx.fixed_min else lower - err / n
+        gx = gx if gx.dtype == grad.dtype else gx.to(grad.dtype)
+        return (gx, g_max.reshape(ctx.clip_shapes[0]), g_min.reshape(ctx.clip_shapes[1]),
+                None, None, None, None)
+
+
+def ulq_fake_quant(x: Tensor, clip_max: Tensor, clip_min: Tensor, bits: int = 8,
+                   fixed_min: bool = False, fp16_scale: bool = False, name: str = "") -> Tensor:
+    """ULQ activation fake-quant (see :class:`_ULQ` for the gradients).
+
+    Args:
+        x: activations, any shape, float32/float16/bfloat16 (computed in float32).
+        clip_max, clip_min: one-element tensors (learnable).
+        bits: 4, 8 or 16.
+        fixed_min: clip_min is pinned (it receives no gradient).
+        fp16_scale: FORCE_FP16_QUANT scale rounding.
+        name: layer name used in the :class:`NumericalError` raised from backward on NaN/Inf.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype on the integer grid.
+    """
+    return _ULQ.apply(x, clip_max, clip_min, bits, fixed_min, fp16_scale, name)
+
+
+# --------------------------------------------------------------------------- weights (ARQ / ULQ)
+
+
+def arq_scale(w2d: Tensor, bits: int, channel_wise: bool, sign: Optional[Tensor] = None) -> Tensor:
+    """Symmetric ARQ scale of a weight viewed as ``[C_out, K]``.
+
+    ``s = max|w| / (2^(b-1) - 1)``, except when the largest magnitude is a negative value: then
+    ``s = max|w| / 2^(b-1)`` so that it lands exactly on ``-2^(b-1)`` (the "128 case" for INT8).
+    ``sign`` (``[C_out]``, +-1) flips channels first; export uses it when a BatchNorm with a
+    negative gamma is folded in, so that the folded integers still fit the range.
+    An all-zero channel gets ``s = 1``.
+
+    Returns:
+        ``[C_out]`` if ``channel_wise`` else ``[1]``, float32.
+    """
+    w = w2d.detach().float()
+    if sign is not None:
+        w = w * sign.reshape(-1, 1)
+    if channel_wise:
+        wmax, wmin = w.amax(dim=1), w.amin(dim=1)
+    else:
+        wmax, wmin = w.max().reshape(1), w.min().reshape(1)
+    neg = wmin.abs() > wmax.abs()
+    bound = torch.maximum(wmax.abs(), wmin.abs())
+    levels = torch.where(neg, float(1 << (bits - 1)), float((1 << (bits - 1)) - 1))
+    scale = bound / levels
+    return torch.where(scale < FLT_EPS, torch.ones_like(scale), scale)
+
+
+class _STEQuant(torch.autograd.Function):
+    """Symmetric fake-quant with a given scale; gradient passes straight through to ``w``."""
+
+    @staticmethod
+    def forward(ctx, w2d: Tensor, scale: Tensor, bits: int, sign: Optional[Tensor]) -> Tensor:
+        return _quant_dequant(w2d, scale, bits, sign)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None, None, None
+
+
+def _quant_dequant(w2d: Tensor, scale: Tensor, bits: int, sign: Optional[Tensor]) -> Tensor:
+    qmin, qmax = qrange(bits)
+    s = scale.reshape(-1, 1)
+    if sign is None:
+        return torch.div(w2d, s).round_().clamp_(qmin, qmax).mul_(s)
+    sg = sign.reshape(-1, 1).to(w2d.dtype)
+    return torch.div(w2d * sg, s).round_().clamp_(qmin, qmax).mul_(s * sg)
+
+
+def fake_quant_weight(w2d: Tensor, scale: Tensor, bits: int, sign: Optional[Tensor] = None) -> Tensor:
+    """``clamp(round(w/s), qmin, qmax) * s`` per row of ``w2d`` (``[C_out, K]``), straight-through."""
+    return _STEQuant.apply(w2d, scale, bits, sign)
+
+
+class _ULQWeight(torch.autograd.Function):
+    """Symmetric fake-quant with a learned scale (LSQ): grads for both ``w`` and ``s``.
+
+    The scale used is ``|s|`` (kept away from 0). dy/dw = 1 inside the range; dy/d|s| =
+    round(w/s) - w/s inside, qmin or qmax where clamped.
+    """
+
+    @staticmethod
+    def forward(ctx, w2d: Tensor, scale: Tensor, bits: int, sign: Optional[Tensor]) -> Tensor:
+        s = scale.detach().float().abs().clamp(min=FLT_EPS).reshape(-1)
+        sg = sign.reshape(-1, 1).float() if sign is not None else torch.ones(1, 1, device=w2d.device)
+        ctx.save_for_backward(w2d, s, sg, torch.sign(scale.detach()).reshape(-1))
+        ctx.bits, ctx.scale_shape = bits, scale.shape
+        return _quant_dequant(w2d, s, bits, sign)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w2d, s, sg, raw_sign = ctx.saved_tensors
+        qmin, qmax = qrange(ctx.bits)
+        t = w2d * sg / s.reshape(-1, 1)
+        r = torch.round(t)
+        inside = (r >= qmin) & (r <= qmax)
+        gw = torch.where(inside, grad, 0.0)
+        ds = torch.where(inside, r - t, r.clamp(qmin, qmax)) * sg * grad
+        gs = ds.sum(dim=1) if s.numel() > 1 else ds.sum().reshape(1)
+        gs = gs * torch.where(raw_sign == 0, 1.0, raw_sign)
+        return gw, gs.reshape(ctx.scale_shape), None, None
+
+
+def ulq_weight_fake_quant(w2d: Tensor, scale: Tensor, bits: int, sign: Optional[Tensor] = None) -> Tensor:
+    """Symmetric fake-quant of ``w2d`` (``[C_out, K]``) with the learnable ``scale`` (``[C_out]`` or ``[1]``)."""
+    return _ULQWeight.apply(w2d, scale, bits, sign)
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
+
+
+def grad_scale(x: Tensor, factor: float) -> Tensor:
+    """Identity forward, gradient multiplied by ``factor`` (LSQ's step-size gradient scaling)."""
+    return _GradScale.apply(x, factor)
+
+
+# --------------------------------------------------------------------------- initialisation (IFMR)
+
+IFMR_FACTORS = torch.linspace(0.70, 1.30, 61)
+IFMR_PERCENTILE = 0.999999
+
+
+def ifmr_candidates(upper: Tensor, lower: Tensor) -> Tuple[Tensor, Tensor]:
+    """Candidate clip pairs ``(f * upper, f * lower)`` for f in 0.70, 0.71, ..., 1.30."""
+    f = IFMR_FACTORS.to(upper.device)
+    return f * upper.float(), f * lower.float()
+
+
+def quant_sse(samples: Tensor, clip_max: Tensor, clip_min: Tensor, bits: int) -> Tensor:
+    """Sum of squared ULQ errors of ``samples`` for each candidate clip pair.
+
+    Shapes: samples ``[N]``; clip_max, clip_min ``[K]``; returns float64 ``[K]``.
+    """
+    scale, offset = ulq_scale_offset(clip_max, clip_min, bits)
+    qmin, qmax = qrange(bits)
+    x = samples.float().reshape(1, -1)
+    s, o = scale.reshape(-1, 1), offset.reshape(-1, 1)
+    y = (torch.clamp(torch.round(x / s) + o, qmin, qmax) - o) * s
+    return ((y - x) ** 2).sum(dim=1, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- searchN
+
+
+def shift_bit_errors(acc: Tensor, channel_dim: Optional[int]) -> Tensor:
+    """Squared error of mapping int32 accumulators to int16 with each right shift N = 1..16.
+
+    For every N, ``q = clamp(floor(acc / 2^N), -32768, 32767)`` and the error is
+    ``sum((q * 2^N - acc)^2)``, summed per channel (``channel_dim``) or over everything.
+
+    Shapes: acc any shape (integer-valued float); returns float64 ``[C, 16]`` or ``[1, 16]``.
+    """
+    a = acc.double()
+    if channel_dim is None:
+        a = a.reshape(1, -1)
+    else:
+        a = a.movedim(channel_dim, 0).reshape(acc.shape[channel_dim], -1)
+    cols = []
+    for n in range(1, MAX_SHIFT + 1):
+        step = float(1 << n)
+        q = torch.floor(a / step).clamp_(-32768, 32767)
+        cols.append(((q * step - a) ** 2).sum(dim=1))
+    return torch.stack(cols, dim=1)

@@ -1,0 +1,225 @@
+"""Quantizer modules: they own the learnable clips/scales and flags, the math is functional.
+
+All state that must survive ``state_dict``, DDP and restore is a Parameter or a buffer and gets
+its final shape in ``__init__``; ``initialized`` flags are uint8 buffers (NCCL has no bool).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..config.plan import ActQuantSpec, WeightQuantSpec
+from ..errors import NumericalError
+from . import functional as Fq
+
+__all__ = ["ActQuantizer", "WeightQuantizer", "ShiftBitSearch"]
+
+MAX_INIT_SAMPLES = 1 << 18  # per batch, taken with a fixed stride (deterministic)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ActQuantizer(nn.Module):
+    """ULQ fake-quant of a layer's input with learnable ``clip_max`` / ``clip_min``.
+
+    Without configured clips, the first ``batch_num`` forwards (train or eval) initialise them:
+    IFMR-style search for the pair ``(f*P_hi, f*P_lo)``, f in 0.70..1.30, that minimises the
+    quantization MSE, where P_hi/P_lo are the 99.9999th/0.0001th percentiles of the samples seen
+    so far. Under DDP the percentiles and errors are reduced across ranks, so every rank gets the
+    same clips. Once ``initialized`` is 1 (also when loaded from a checkpoint) nothing
+    re-initialises.
+
+    Shapes: input any shape; ``clip_max``/``clip_min`` are ``[1]``.
+    """
+
+    def __init__(self, spec: ActQuantSpec, batch_num: int = 1, layer_name: str = "") -> None:
+        super().__init__()
+        if spec.fixed_min is None:
+            raise ValueError("ActQuantizer needs a resolved fixed_min (True/False)")
+        self.bits = spec.bits
+        self.fixed_min = bool(spec.fixed_min)
+        self.fp16_scale = spec.fp16_scale
+        self.batch_num = max(1, int(batch_num))
+        self.layer_name = layer_name
+        given = spec.clip_max is not None
+        self.clip_max = nn.Parameter(torch.tensor([spec.clip_max if given else 1.0]))
+        self.clip_min = nn.Parameter(torch.tensor([0.0 if self.fixed_min or not given else spec.clip_min]),
+                                     requires_grad=not self.fixed_min)
+        self.register_buffer("initialized", torch.tensor([1 if given else 0], dtype=torch.uint8))
+        self.register_buffer("init_batches", torch.zeros(1, dtype=torch.int64))
+        self._samples: List[Tensor] = []
+        self._ready = given  # Python mirror of `initialized`: no device sync per forward
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = False  # re-read the loaded flag at the next forward
+
+    def extra_repr(self) -> str:
+        s = f"bits={self.bits}, fixed_min={self.fixed_min}"
+        if self.fp16_scale:
+            s += ", fp16_scale=True"
+        return s
+
+    def _prepare(self, x: Tensor) -> None:
+        if not self._ready:
+            self._ready = bool(self.initialized.item())
+            if not self._ready:
+                self._init_step(x)
+        elif not self.training and not bool(torch.isfinite(x).all()):
+            raise NumericalError(f"NaN or Inf in the input activations of quantized layer "
+                                 f"'{self.layer_name}' (eval forward); check the model and data")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Fake-quantized ``x`` (float, on the grid), differentiable in ``x`` and the clips."""
+        self._prepare(x)
+        return Fq.ulq_fake_quant(x, self.clip_max, self.clip_min, self.bits, self.fixed_min,
+                                 self.fp16_scale, self.layer_name)
+
+    @torch.no_grad()
+    def to_integer(self, x: Tensor) -> Tensor:
+        """``clamp(round(x / scale_d), qmin - offset_d, qmax - offset_d)`` as float32: the grid
+        index of ``x`` relative to the zero point (eval path, no gradient)."""
+        self._prepare(x)
+        scale, offset = Fq.ulq_scale_offset(self.clip_max.reshape(()), self.clip_min.reshape(()),
+                                            self.bits, self.fp16_scale)
+        qmin, qmax = Fq.qrange(self.bits)
+        return torch.div(x.float(), scale).round_().clamp_(qmin - offset, qmax - offset)
+
+    @torch.no_grad()
+    def _init_step(self, x: Tensor) -> None:
+        flat = x.detach().reshape(-1)
+        if flat.numel() > MAX_INIT_SAMPLES:
+            flat = flat[:: math.ceil(flat.numel() / MAX_INIT_SAMPLES)]
+        flat = flat.float()
+        if not bool(torch.isfinite(flat).all()):
+            raise NumericalError(f"NaN or Inf in the input activations of quantized layer "
+                                 f"'{self.layer_name}' while initialising its clip range")
+        self._samples.append(flat)
+        samples = torch.cat(self._samples)
+        hi, lo = self._percentiles(samples)
+        cand_max, cand_min = Fq.ifmr_candidates(hi, lo)
+        sse = Fq.quant_sse(samples, cand_max, cand_min, self.bits)
+        count = torch.tensor([float(samples.numel())], dtype=torch.float64, device=sse.device)
+        if _distributed():
+            dist.all_reduce(sse)
+            dist.all_reduce(count)
+        best = int(torch.argmin(sse / count))
+        self.clip_max.fill_(float(cand_max[best]))
+        self.clip_min.fill_(float(cand_min[best]))
+        self.init_batches += 1
+        if int(self.init_batches) >= self.batch_num:
+            self.initialized.fill_(1)
+            self._samples = []
+            self._ready = True
+
+    def _percentiles(self, samples: Tensor) -> Tuple[Tensor, Tensor]:
+        k = samples.numel()
+        hi_k = min(k, max(1, math.ceil(Fq.IFMR_PERCENTILE * k)))
+        hi = torch.kthvalue(samples.cpu(), hi_k).values.clamp(min=0.0).to(samples.device)
+        if self.fixed_min:
+            lo = torch.zeros((), device=samples.device)
+        else:
+            lo_k = max(1, min(k, math.floor((1 - Fq.IFMR_PERCENTILE) * k) + 1))
+            lo = torch.kthvalue(samples.cpu(), lo_k).values.clamp(max=0.0).to(samples.device)
+        if _distributed():
+            hi_lo = torch.stack([hi, -lo]).reshape(2)
+            dist.all_reduce(hi_lo, op=dist.ReduceOp.MAX)
+            hi, lo = hi_lo[0], -hi_lo[1]
+        if float(hi - lo) <= 0.0:  # all-zero activations: any positive range will do
+            hi = torch.ones((), device=samples.device)
+        return hi, lo
+
+    def scale_offset(self) -> Tuple[float, int]:
+        """Current ``(scale_d, offset_d)`` as the record stores them."""
+        s, o = Fq.ulq_scale_offset(self.clip_max.reshape(()), self.clip_min.reshape(()), self.bits,
+                                   self.fp16_scale)
+        return float(s), int(o)
+
+
+class WeightQuantizer(nn.Module):
+    """Weight fake-quant on the ``[C_out, K]`` view of a weight.
+
+    ``arq``: scale recomputed from max|w| every call, straight-through gradient.
+    ``ulq``: ``scale`` is a Parameter (``[C_out]`` or ``[1]``) initialised from ARQ at the first
+    call; LSQ gradients with the usual 1/sqrt(numel * qmax) gradient scaling.
+    """
+
+    def __init__(self, spec: WeightQuantSpec, out_channels: int) -> None:
+        super().__init__()
+        self.algo = spec.algo
+        self.bits = spec.bits
+        self.channel_wise = spec.channel_wise
+        n = out_channels if spec.channel_wise else 1
+        if spec.algo == "ulq":
+            self.scale = nn.Parameter(torch.ones(n))
+            self.register_buffer("initialized", torch.zeros(1, dtype=torch.uint8))
+        else:
+            self.register_parameter("scale", None)
+        self._ready = spec.algo == "arq"
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = self.algo == "arq"
+
+    def extra_repr(self) -> str:
+        return f"algo={self.algo}, bits={self.bits}, channel_wise={self.channel_wise}"
+
+    def forward(self, w2d: Tensor, sign: Optional[Tensor] = None) -> Tensor:
+        if self.algo == "arq":
+            scale = Fq.arq_scale(w2d, self.bits, self.channel_wise, sign)
+            return Fq.fake_quant_weight(w2d, scale.to(w2d.dtype), self.bits, sign)
+        if not self._ready:
+            if not self.initialized.item():
+                with torch.no_grad():
+                    self.scale.copy_(Fq.arq_scale(w2d, self.bits, self.channel_wise, sign))
+                    self.initialized.fill_(1)
+            self._ready = True
+        per = w2d.shape[1] if self.channel_wise else w2d.numel()
+        factor = 1.0 / math.sqrt(per * ((1 << (self.bits - 1)) - 1))
+        return Fq.ulq_weight_fake_quant(w2d, Fq.grad_scale(self.scale, factor), self.bits, sign)
+
+    @torch.no_grad()
+    def current_scale(self, w2d: Tensor, sign: Optional[Tensor] = None) -> Tensor:
+        """The scale the forward uses now, float32 ``[C_out]`` or ``[1]``."""
+        if self.algo == "arq":
+            return Fq.arq_scale(w2d, self.bits, self.channel_wise, sign)
+        if not self.initialized.item():
+            return Fq.arq_scale(w2d, self.bits, self.channel_wise, sign)
+        return self.scale.detach().float().abs().clamp(min=Fq.FLT_EPS)
+
+
+class ShiftBitSearch(nn.Module):
+    """searchN: accumulates, over eval batches, the int16 mapping error of each shift 1..16.
+
+    ``errors`` is ``[C, 16]`` (``C`` = 1 when not channel-wise); it is transient state, not part of
+    the state_dict, and restarts at every train->eval switch.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("errors", torch.zeros(channels, Fq.MAX_SHIFT, dtype=torch.float64),
+                             persistent=False)
+        self.batches = 0
+
+    def reset(self) -> None:
+        self.errors.zero_()
+        self.batches = 0
+
+    @torch.no_grad()
+    def observe(self, acc: Tensor, channel_dim: int) -> None:
+        """Add one batch of int32 accumulators ``acc`` (integral float, channels at ``channel_dim``)."""
+        per_channel = self.errors.shape[0] > 1
+        self.errors += Fq.shift_bit_errors(acc, channel_dim if per_channel else None)
+        self.batches += 1
+
+    def best(self) -> Tuple[int, ...]:
+        """Best shift per channel (1..16); 0s before any eval batch was observed."""
+        if self.batches == 0:
+            return tuple(0 for _ in range(self.errors.shape[0]))
+        return tuple(int(i) + 1 for i in torch.argmin(self.errors, dim=1).tolist())
