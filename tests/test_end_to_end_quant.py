@@ -159,3 +159,22 @@ def test_fp16_scale_mode_is_recorded_and_exported(tmp_path, write_cfg):
     f = read_record(record).quant("conv")
     assert f.fp16_scale and float(np.float16(f.scale_d)) == f.scale_d
     assert report.fake_quant_vs_torch <= 1e-3
+
+
+def test_external_data_path(tmp_path, write_cfg):
+    """Models of 2 GB and more go to ONNX external data; exercised with a lowered threshold."""
+    from slimq.export.writer import export_models
+
+    record = str(tmp_path / "r.txt")
+    cm = slimq.create_compressed_retrain_model(MixedNet(), torch.randn(4, 2, 8, 8), write_cfg(QUANT_CFG), record)
+    train(cm, make_batches(2, (8, 2, 8, 8), 10))
+    x = torch.randn(4, 2, 8, 8)
+    report = export_models(cm, (x,), str(tmp_path / "big"), external_bytes=0)
+    assert report.external_data
+    for path in (report.fake_quant_path, report.deploy_path):
+        assert (tmp_path / (path.split("/")[-1] + ".data")).exists()
+        onnx.checker.check_model(path)
+    cm.eval()
+    with torch.no_grad():
+        assert rel_l2(ort_run(report.fake_quant_path, x), cm(x).numpy()) <= 1e-6
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".slimq")) == []

@@ -114,7 +114,7 @@ def _export_one(model: nn.Module, inputs: Tuple[Any, ...], target: Path, input_n
     proto.producer_name, proto.producer_version = "slimq", _version()
     if big:
         onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=target.name + ".data")
+                        location=target.name + ".data", size_threshold=0)
     else:
         onnx.save_model(proto, str(target))
     return big
