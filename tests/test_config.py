@@ -92,13 +92,13 @@ override_layer_types: { layer_type: "Conv2d" retrain_weight_quant_config: { arq_
 override_layer_configs: { layer_name: "features.3" retrain_weight_quant_config: { ulq_retrain: { channel_wise: true } } }
 quant_skip_layers: "fc"
 """)
-    plan = slimq.plan(Tiny(), torch.randn(1, 3, 8, 8), path)
-    first, second = plan["features.0"], plan["features.3"]
+    report = slimq.plan(Tiny(), torch.randn(1, 3, 8, 8), path)
+    first, second = report["features.0"].plan, report["features.3"].plan
     assert (first.weight.algo, first.weight.bits, first.weight.channel_wise) == ("arq", 4, False)  # by type
     assert (second.weight.algo, second.weight.bits) == ("ulq", 8)  # by name beats by type
     assert first.act.fixed_min is False  # input is the image
     assert second.act.fixed_min is True  # input comes from a ReLU
-    assert not plan["fc"].quantized and "skipped" in plan["fc"].notes[0]
+    assert not report["fc"].plan.quantized and "skipped" in report["fc"].reason
 
 
 def _assert_config_error(fn, *patterns):
@@ -172,6 +172,6 @@ def test_not_called_layers_are_not_quantized(write_cfg):
             super().__init__()
             self.spare = nn.Linear(8, 8)
 
-    plan = slimq.plan(WithSpare(), torch.randn(1, 3, 8, 8), write_cfg("retrain_data_quant_config { ulq_quantize {} }"))
-    assert not plan["spare"].quantized and "not called" in plan["spare"].notes[0]
-    assert plan["fc"].quantized
+    report = slimq.plan(WithSpare(), torch.randn(1, 3, 8, 8), write_cfg("retrain_data_quant_config { ulq_quantize {} }"))
+    assert not report["spare"].plan.quantized and "not called" in report["spare"].reason
+    assert report["fc"].plan.quantized and report["fc"].action == "quant"

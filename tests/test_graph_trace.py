@@ -105,5 +105,5 @@ def test_shared_module_is_replaced_everywhere(tmp_path, write_cfg):
     cm = slimq.create_compressed_retrain_model(Twice(), torch.randn(2, 4), write_cfg(QUANT_CFG),
                                                str(tmp_path / "r.txt"))
     assert cm.first is cm.again and type(cm.first).__name__ == "CompressedLinear"
-    plan = slimq.plan(Twice(), torch.randn(2, 4), write_cfg(QUANT_CFG))
-    assert "called 2 times" in plan["first"].notes[0]
+    report = slimq.plan(Twice(), torch.randn(2, 4), write_cfg(QUANT_CFG))
+    assert "called 2 times" in report["first"].notes[0]

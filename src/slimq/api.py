@@ -18,15 +18,18 @@ from ._io import check_writable_dir
 from .config.load import load_config
 from .config.plan import CompressionPlan
 from .config.resolve import resolve
-from .errors import CheckpointError, ConfigError, ExportError, ModelError, RecordError
+from .errors import CheckpointError, ConfigError, ExportError, GraphError, ModelError, RecordError
 from .export.writer import ExportReport, export_models
+from .graph.channels import channel_groups
 from .graph.dataflow import Dataflow
 from .graph.facts import foldable_batchnorms
 from .graph.trace import trace
 from .nn.folding import FOLDED_BN_CLASSES
 from .nn.modules import CompressedLayer, compress_module, iter_compressed, rebase_module
+from .prune import PruneDecision, annotate_plan, apply_records, decide, layer_costs, to_records
 from .record.session import RecordSession, is_writer_rank
 from .record.store import Record, read_record, write_record
+from .report import PlanReport, build_report
 
 __all__ = [
     "create_compressed_retrain_model",
@@ -100,10 +103,60 @@ def _prepare(model: Any, input_data: Any, config_defination: Any
 
 
 def _not_yet(plan: CompressionPlan) -> None:
-    if plan.channel_pruned or plan.sparse:
-        kind = "channel pruning (filter_pruner)" if plan.channel_pruned else "2:4 sparsity (n_out_of_m_pruner)"
-        raise ConfigError(f"{plan.source}: {kind} is parsed and validated but not yet supported by this "
-                          "version of slimq; remove prune_config to run quantization only")
+    if plan.sparse:
+        raise ConfigError(f"{plan.source}: 2:4 sparsity (n_out_of_m_pruner) is parsed and validated but "
+                          "not yet supported by this version of slimq; remove it from prune_config")
+
+
+def _output_shapes(model: nn.Module, inputs: Tuple[Any, ...]) -> List[Tuple[int, ...]]:
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(*inputs)
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+    stack, shapes = [out], []
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            shapes.append(tuple(o.shape))
+        elif isinstance(o, (list, tuple)):
+            stack.extend(reversed(o))
+        elif isinstance(o, dict):
+            stack.extend(reversed(list(o.values())))
+    return shapes
+
+
+def _check_pruned(model: nn.Module, inputs: Tuple[Any, ...], df: Dataflow, records) -> None:
+    """Run the pruned model once: it must work and keep the output shapes."""
+    expected = [df.values[v].shape for v in df.output_ids]
+    try:
+        got = _output_shapes(model, inputs)
+    except Exception as exc:
+        producers = sorted({p.name for r in records for p in r.producers})
+        raise GraphError(
+            f"the pruned model's forward pass failed ({type(exc).__name__}: {exc}). The model probably "
+            "hard-codes a channel count (e.g. x.view(n, 512, 7, 7)) that slimq cannot see; use -1 or "
+            f"x.size() there, or keep the producers involved in regular_prune_skip_layers (pruned "
+            f"producers: {producers[:8]}{'...' if len(producers) > 8 else ''})") from exc
+    if got != expected:
+        raise GraphError(f"pruning changed the model's output shapes {expected} -> {got}; please report "
+                         "this model to the slimq developers")
+
+
+def _prune(model: nn.Module, inputs: Tuple[Any, ...], plan: CompressionPlan, df: Dataflow,
+           record: Record) -> Tuple[CompressionPlan, PruneDecision]:
+    """Choose and cut channels in place; the records go into ``record``."""
+    modules = dict(model.named_modules())
+    decision = decide(channel_groups(df, modules), plan, modules)
+    records = to_records(decision)
+    apply_records(model, records, source=plan.source)
+    if records:
+        _check_pruned(model, inputs, df, records)
+    record.set_channel_prunes(records)
+    return annotate_plan(plan, decision, modules), decision
 
 
 def _insert_layers(model: nn.Module, plan: CompressionPlan, df: Dataflow, record: Record,
@@ -148,9 +201,12 @@ def create_compressed_retrain_model(model: nn.Module, input_data: Any, config_de
         ConfigError, ModelError, GraphError, RecordError: with what to fix.
     """
     record_path = os.fspath(check_writable_dir(record_file, "record file", RecordError))
-    work, _, plan, df = _prepare(model, input_data, config_defination)
+    work, inputs, plan, df = _prepare(model, input_data, config_defination)
     _not_yet(plan)
     record = Record()
+    if plan.channel_pruned:
+        plan, decision = _prune(work, inputs, plan, df, record)
+        log.info("slimq: pruned %d channel groups (%d channels)", len(decision.pruned), decision.removed_channels)
     _insert_layers(work, plan, df, record, record_path)
     if is_writer_rank():
         write_record(record_path, record)
@@ -202,9 +258,13 @@ def restore_compressed_retrain_model(model: nn.Module, input_data: Any, config_d
         CheckpointError: ``pth_file`` is missing or its keys do not match the compressed model.
     """
     record = read_record(record_file)
-    work, _, plan, df = _prepare(model, input_data, config_defination)
+    work, inputs, plan, df = _prepare(model, input_data, config_defination)
     _not_yet(plan)
     state = _load_checkpoint(pth_file, state_dict_name)
+    prunes = record.channel_prunes()
+    if prunes:  # the record, not a new selection, decides which channels are gone
+        apply_records(work, prunes, source=os.fspath(record_file))
+        _check_pruned(work, inputs, df, prunes)
     _insert_layers(work, plan, df, record, os.fspath(record_file))
     result = work.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -236,9 +296,6 @@ def save_compressed_retrain_model(model: nn.Module, record_file: str, save_path:
     model = _check_model(model)
     inputs = _check_inputs(input_data)
     layers = list(iter_compressed(model))
-    if not layers:
-        raise ModelError("the model has no slimq layers; pass the model returned by "
-                         "create_compressed_retrain_model or restore_compressed_retrain_model")
     record_path = os.fspath(check_writable_dir(record_file, "record file", RecordError))
     if not isinstance(save_path, (str, os.PathLike)) or not os.fspath(save_path):
         raise ExportError(f"save_path must be a path prefix, got {save_path!r}")
@@ -246,6 +303,9 @@ def save_compressed_retrain_model(model: nn.Module, record_file: str, save_path:
     check_writable_dir(save_prefix + "_deploy_model.onnx", "save_path", ExportError)
     if not is_writer_rank():
         return None
+    if not any(layer.act_quant is not None or layer.sparsity is not None for _, layer in layers):
+        # sparsity only (or channel pruning only): both files hold the same float model
+        return export_models(model, inputs, save_prefix, input_names, output_names, dynamic_axes)
     session = next((m.session for _, m in layers if m.session is not None), None)
     record = session.record if session is not None else Record()
     _refresh_factors(model, inputs, layers, session)
@@ -274,7 +334,15 @@ def _refresh_factors(model: nn.Module, inputs: Tuple[Any, ...], layers: List[Tup
             m.training = flag
 
 
-def plan(model: nn.Module, input_data: Any, config_defination: str) -> CompressionPlan:
-    """Dry run: what create_compressed_retrain_model would do to each layer (nothing is written)."""
-    _, _, resolved, _ = _prepare(model, input_data, config_defination)
-    return resolved
+def plan(model: nn.Module, input_data: Any, config_defination: str) -> PlanReport:
+    """Dry run of create_compressed_retrain_model: per layer the action (prune/2:4/quant/skip),
+    channels, MACs and parameters before and after, and why configured work is blocked.
+    Nothing is written; ``model`` is untouched."""
+    work, inputs, resolved, df = _prepare(model, input_data, config_defination)
+    before = {n: copy.copy(m) for n, m in work.named_modules()}
+    costs_before = layer_costs(work, df)
+    params_before = sum(p.numel() for p in work.parameters())
+    if resolved.channel_pruned:
+        resolved, _ = _prune(work, inputs, resolved, df, Record())
+    return build_report(resolved, before, dict(work.named_modules()), costs_before, layer_costs(work, df),
+                        (params_before, sum(p.numel() for p in work.parameters())))

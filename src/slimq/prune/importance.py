@@ -1,0 +1,51 @@
+"""BalancedL2Norm: which channels of a group to remove. Pure functions on tensors."""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["balanced_l2_scores", "group_scores", "kept_count", "select_removed"]
+
+
+def balanced_l2_scores(weight: Tensor) -> Tensor:
+    """Per output channel (dim 0): L2 norm of its weights / number of weights per channel,
+    min-max normalised to [0, 1] within the layer (all zeros if every channel scores the same).
+
+    Shapes: weight ``[C_out, ...]``; returns float64 ``[C_out]``.
+    """
+    w = weight.detach().double().reshape(weight.shape[0], -1)
+    score = w.norm(dim=1) / w.shape[1]
+    lo, hi = score.min(), score.max()
+    return (score - lo) / (hi - lo) if hi > lo else torch.zeros_like(score)
+
+
+def group_scores(per_producer: Sequence[Tensor]) -> Tensor:
+    """A coupled group ranks its channels by the mean of its producers' normalised scores."""
+    return torch.stack([s.double() for s in per_producer]).mean(dim=0)
+
+
+def kept_count(channels: int, ratio: float, ascend_optimized: bool, parts: int = 1) -> int:
+    """``C - round(C * ratio)``, rounded up to a multiple of 16 (ascend_optimized) and of the
+    number of equal parts (grouped convs, chunks), at least one per part, at most ``C``."""
+    keep = channels - math.floor(channels * ratio + 0.5)
+    multiple = parts * 16 // math.gcd(parts, 16) if ascend_optimized else parts
+    keep = math.ceil(keep / multiple) * multiple
+    return min(channels, max(keep, parts))
+
+
+def select_removed(scores: Tensor, ratio: float, ascend_optimized: bool, parts: int = 1) -> List[int]:
+    """Indices to remove: in each of ``parts`` equal parts, the lowest-scoring channels (ties go
+    to the higher index), so that every part keeps the same number of channels."""
+    channels = scores.numel()
+    keep = kept_count(channels, ratio, ascend_optimized, parts)
+    per_part, keep_per_part = channels // parts, keep // parts
+    removed: List[int] = []
+    for p in range(parts):
+        base = p * per_part
+        local = scores[base:base + per_part].tolist()
+        order = sorted(range(per_part), key=lambda i: (-local[i], i))
+        removed.extend(base + i for i in order[keep_per_part:])
+    return sorted(removed)

@@ -1,0 +1,193 @@
+"""From channel groups and the plan to removed channels, prune records, and the pruned model.
+
+``decide`` chooses (BalancedL2Norm, per group), ``to_records`` turns decisions into the record
+file's ``prune_record`` entries, and ``apply_records`` is the only function that changes the
+model: restore calls it with the records read back, so it re-applies exactly what create did.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import nn
+
+from ..config.plan import CompressionPlan, LayerPlan
+from ..errors import ConfigError, RecordError
+from ..graph.channels import ChannelGroup, Member
+from ..record.store import ChannelPruneInfo, PruneNodeInfo
+from .importance import balanced_l2_scores, group_scores, kept_count, select_removed
+from .surgery import is_depthwise, surgery_for
+
+__all__ = ["GroupDecision", "PruneDecision", "decide", "to_records", "apply_records", "annotate_plan"]
+
+
+@dataclass(frozen=True)
+class GroupDecision:
+    group: ChannelGroup
+    ratio: float
+    removed: Tuple[int, ...]
+
+    @property
+    def kept(self) -> int:
+        return self.group.size - len(self.removed)
+
+
+@dataclass
+class PruneDecision:
+    pruned: List[GroupDecision] = field(default_factory=list)
+    blocked: Dict[str, str] = field(default_factory=dict)  # producer -> reason
+
+    @property
+    def removed_channels(self) -> int:
+        return sum(len(d.removed) for d in self.pruned)
+
+
+def decide(groups: Sequence[ChannelGroup], plan: CompressionPlan, modules: Dict[str, nn.Module]) -> PruneDecision:
+    """Choose the channels to remove in every group whose producers are all configured.
+
+    A group is pruned with the smallest ratio among its producers (ascend_optimized if any asks
+    for it). Groups with a reason, or with a producer that is not configured, stay whole.
+
+    Raises:
+        ConfigError: a producer configured for 2:4 is coupled with channel-pruned producers.
+    """
+    out = PruneDecision()
+    for g in groups:
+        plans = [plan.get(p) for p in g.producers]
+        specs = [lp.prune if lp is not None else None for lp in plans]
+        if not any(specs):
+            continue
+        sparse = [p for p, lp in zip(g.producers, plans) if lp is not None and lp.sparse24 is not None]
+        if sparse:
+            raise ConfigError(
+                f"{plan.source}: layer '{sparse[0]}' is configured for 2:4 sparsity, but its output "
+                f"channels are coupled with channel-pruned layer(s) "
+                f"{[p for p, s in zip(g.producers, specs) if s][:3]} (residual add, concat or "
+                "similar); one layer gets channel pruning or 2:4, never both. Configure the same "
+                "kind of sparsity for all of them, or skip one in regular_prune_skip_layers")
+        reason = None
+        if g.reasons:
+            reason = "; ".join(g.reasons)
+        elif not all(specs):
+            missing = [p for p, s in zip(g.producers, specs) if s is None]
+            reason = f"coupled with '{missing[0]}', which is not configured for channel pruning"
+        elif g.size < 2:
+            reason = "a single channel cannot be pruned"
+        if reason is not None:
+            for p, s in zip(g.producers, specs):
+                if s is not None:
+                    out.blocked[p] = reason
+            continue
+        ratio = min(s.ratio for s in specs)
+        ascend = any(s.ascend_optimized for s in specs)
+        scores = group_scores([balanced_l2_scores(modules[p].weight) for p in g.producers])
+        removed = select_removed(scores, ratio, ascend, g.parts)
+        if not removed:
+            keep = kept_count(g.size, ratio, ascend, g.parts)
+            for p in g.producers:
+                out.blocked[p] = (f"nothing to remove: {g.size} channels keep {keep} after rounding "
+                                  f"(ratio {ratio:g}{', ascend_optimized' if ascend else ''}, "
+                                  f"{g.parts} part(s))")
+            continue
+        out.pruned.append(GroupDecision(g, ratio, tuple(removed)))
+    return out
+
+
+def _member_indices(m: Member, removed: Sequence[int]) -> List[int]:
+    idx = []
+    for i in removed:
+        if m.start <= i < m.start + m.length:
+            base = m.begin + (i - m.start) * m.unit
+            idx.extend(range(base, base + m.unit))
+    return idx
+
+
+def to_records(decision: PruneDecision) -> List[ChannelPruneInfo]:
+    """One ``prune_record`` per pruned group: producers and every sliced consumer, with
+    ``begin``/``end`` (range on the module's own channel axis) and absolute ``prune_index``."""
+    records = []
+    for d in decision.pruned:
+        producers, consumers = [], []
+        for m in d.group.members:
+            info = PruneNodeInfo(m.module, m.type, m.begin, m.begin + m.length * m.unit,
+                                 tuple(_member_indices(m, d.removed)))
+            (producers if m.role == "out" else consumers).append(info)
+        records.append(ChannelPruneInfo(tuple(producers), tuple(consumers)))
+    return records
+
+
+def _role(module: nn.Module, producer: bool) -> str:
+    if producer:
+        return "out"
+    if is_depthwise(module) or isinstance(module, (nn.modules.batchnorm._NormBase, nn.PReLU)):
+        return "channel"
+    return "in"
+
+
+def _width(module: nn.Module, role: str) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features if role == "out" else module.in_features
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return module.num_features
+    if isinstance(module, nn.PReLU):
+        return module.num_parameters
+    return module.out_channels if role in ("out", "channel") else module.in_channels
+
+
+def apply_records(model: nn.Module, records: Sequence[ChannelPruneInfo], source: str = "record") -> None:
+    """Slice ``model`` in place as the prune records say (create's decision or a record file).
+
+    Raises:
+        RecordError: a record names a missing module, another type, or channels out of range,
+            i.e. the records belong to another model.
+    """
+    modules = dict(model.named_modules())
+    removal: Dict[Tuple[str, str], Set[int]] = {}
+    for rec in records:
+        for infos, producer in ((rec.producers, True), (rec.consumers, False)):
+            for info in infos:
+                m = modules.get(info.name)
+                if m is None or surgery_for(m) is None or (info.type and info.type != type(m).__name__):
+                    found = type(m).__name__ if m is not None else "nothing"
+                    raise RecordError(f"{source}: prune record names '{info.name}' ({info.type}) but the "
+                                      f"model has {found} there; the record file belongs to another model")
+                role = _role(m, producer)
+                width = _width(m, role)
+                bad = [i for i in info.prune_index if not info.begin <= i < min(info.end, width)]
+                if info.end > width or bad:
+                    raise RecordError(f"{source}: prune record for '{info.name}' covers channels "
+                                      f"{info.begin}..{info.end} but the layer has {width}; the record "
+                                      "file belongs to another model (or was already applied)")
+                removal.setdefault((info.name, role), set()).update(info.prune_index)
+    with torch.no_grad():
+        for (name, role), removed in sorted(removal.items(), key=lambda kv: kv[0][1] != "out"):
+            m = modules[name]
+            keep = [i for i in range(_width(m, role)) if i not in removed]
+            if not keep:
+                raise RecordError(f"{source}: prune records remove every channel of '{name}'")
+            getattr(surgery_for(m), f"keep_{role if role != 'channel' else 'channels'}")(m, keep)
+
+
+def annotate_plan(plan: CompressionPlan, decision: PruneDecision,
+                  modules: Optional[Dict[str, nn.Module]] = None) -> CompressionPlan:
+    """The plan with pruning outcomes in each layer's notes (and no prune spec where blocked)."""
+    kept = {p: d for d in decision.pruned for p in d.group.producers}
+    followers = {m.module: d for d in decision.pruned for m in d.group.members if m.role == "channel"}
+    layers: List[LayerPlan] = []
+    for lp in plan.layers:
+        if lp.prune is None:
+            layers.append(lp)
+        elif lp.name in kept:
+            d = kept[lp.name]
+            layers.append(replace(lp, notes=lp.notes + (
+                f"channels {d.group.size} -> {d.kept} (group of {len(d.group.producers)} producer(s))",)))
+        elif lp.name in followers or (modules is not None and is_depthwise(modules.get(lp.name))):
+            d = followers.get(lp.name)
+            follow = f"{d.group.size} -> {d.kept}" if d is not None else "unchanged"
+            layers.append(replace(lp, prune=None, notes=lp.notes + (
+                f"depthwise: follows the channels it reads ({follow})",)))
+        else:
+            reason = decision.blocked.get(lp.name, "not a producer of any channel group")
+            layers.append(replace(lp, prune=None, notes=lp.notes + (f"channel pruning blocked: {reason}",)))
+    return CompressionPlan(layers=tuple(layers), batch_num=plan.batch_num, source=plan.source)
