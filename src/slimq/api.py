@@ -76,12 +76,20 @@ def _copy(model: nn.Module) -> nn.Module:
                          ) from exc
 
 
-def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Point every parent that holds ``old`` (a module may be shared) at ``new``."""
+def _parents(root: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
+    """id(child) -> every (parent, attribute) that holds it (a module may be shared)."""
+    index: Dict[int, List[Tuple[nn.Module, str]]] = {}
     for parent in root.modules():
         for key, child in parent._modules.items():
-            if child is old:
-                parent._modules[key] = new
+            if child is not None:
+                index.setdefault(id(child), []).append((parent, key))
+    return index
+
+
+def _replace_module(parents: Dict[int, List[Tuple[nn.Module, str]]], old: nn.Module, new: nn.Module) -> None:
+    for parent, key in parents.get(id(old), []):
+        parent._modules[key] = new
+    parents[id(new)] = parents.pop(id(old), [])
 
 
 def _distributed_barrier() -> None:
@@ -112,7 +120,7 @@ def _output_shapes(model: nn.Module, inputs: Tuple[Any, ...]) -> List[Tuple[int,
     training = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.inference_mode():
             out = model(*inputs)
     finally:
         for m, flag in training.items():
@@ -165,6 +173,7 @@ def _insert_layers(model: nn.Module, plan: CompressionPlan, df: Dataflow, record
     bn_of = foldable_batchnorms(df, modules)
     quantized = {lp.name for lp in plan.quantized}
     session = RecordSession(record_path, record, expected=quantized, rounds=plan.batch_num)
+    parents = _parents(model)
     for lp in plan:
         if not (lp.quantized or lp.sparse24):
             continue
@@ -174,9 +183,9 @@ def _insert_layers(model: nn.Module, plan: CompressionPlan, df: Dataflow, record
         bn = modules.get(bn_of.get(lp.name, ""))
         if lp.quantized and type(bn) in FOLDED_BN_CLASSES:
             folded_bn = rebase_module(bn, FOLDED_BN_CLASSES[type(bn)])
-            _replace_module(model, bn, folded_bn)
+            _replace_module(parents, bn, folded_bn)
             new.attach_folded_bn(folded_bn)
-        _replace_module(model, old, new)
+        _replace_module(parents, old, new)
     return session
 
 

@@ -228,7 +228,7 @@ def trace(model: nn.Module, inputs: Tuple[Any, ...], time_limit: Optional[float]
         input_ids = [recorder.new_value(t, -1) for t in _flatten_tensors(inputs)]
         if not input_ids:
             raise ModelError("input_data holds no tensor; pass a tuple of example input tensors")
-        with torch.no_grad(), recorder:
+        with torch.inference_mode(), recorder:
             try:
                 output = model(*inputs)
             except (GraphError, ModelError):

@@ -17,7 +17,8 @@ __all__ = ["SURGERY", "surgery_for", "is_depthwise"]
 
 
 def _param(old: Optional[nn.Parameter], value: Tensor) -> nn.Parameter:
-    return nn.Parameter(value.detach().clone().contiguous(), requires_grad=old.requires_grad if old is not None else True)
+    """``value`` is fresh memory (index_select / cat), so it is wrapped without a copy."""
+    return nn.Parameter(value.detach().contiguous(), requires_grad=old.requires_grad if old is not None else True)
 
 
 def _index(keep: Sequence[int], device: torch.device) -> Tensor:
@@ -124,7 +125,7 @@ class NormSurgery:
         for name in ("running_mean", "running_var"):
             buf = getattr(m, name, None)
             if buf is not None:
-                setattr(m, name, buf.index_select(0, idx).clone())
+                setattr(m, name, buf.index_select(0, idx))
         m.num_features = len(keep)
 
     keep_out = keep_in = keep_channels

@@ -231,7 +231,8 @@ class Record:
 
     # -- text -----------------------------------------------------------------------------
     def to_text(self) -> str:
-        return text_format.MessageToString(self.message, as_utf8=True)
+        # `ints: [1, 2, 3]` instead of one line per index: standard text format, much shorter
+        return text_format.MessageToString(self.message, as_utf8=True, use_short_repeated_primitives=True)
 
     @classmethod
     def from_text(cls, text: str, path: str = "<record>") -> "Record":
