@@ -30,6 +30,7 @@ from .prune import PruneDecision, annotate_plan, apply_records, decide, layer_co
 from .record.session import RecordSession, is_writer_rank
 from .record.store import Record, read_record, write_record
 from .report import PlanReport, build_report
+from .sparsity import Sparse24Mask, in_channel_axis
 
 __all__ = [
     "create_compressed_retrain_model",
@@ -110,12 +111,6 @@ def _prepare(model: Any, input_data: Any, config_defination: Any
     return work, inputs, resolve(cfg, work, df), df
 
 
-def _not_yet(plan: CompressionPlan) -> None:
-    if plan.sparse:
-        raise ConfigError(f"{plan.source}: 2:4 sparsity (n_out_of_m_pruner) is parsed and validated but "
-                          "not yet supported by this version of slimq; remove it from prune_config")
-
-
 def _output_shapes(model: nn.Module, inputs: Tuple[Any, ...]) -> List[Tuple[int, ...]]:
     training = {m: m.training for m in model.modules()}
     try:
@@ -168,18 +163,31 @@ def _prune(model: nn.Module, inputs: Tuple[Any, ...], plan: CompressionPlan, df:
 
 
 def _insert_layers(model: nn.Module, plan: CompressionPlan, df: Dataflow, record: Record,
-                   record_path: str) -> RecordSession:
+                   record_path: str, restoring: bool = False) -> RecordSession:
+    """Replace planned layers with compressed ones (2:4 mask and/or QAT quantizers).
+
+    2:4 masks are chosen from the (already pruned) weights, or, when ``restoring``, taken from the
+    record's ``selective_prune`` entries.
+    """
     modules = dict(model.named_modules())
     bn_of = foldable_batchnorms(df, modules)
     quantized = {lp.name for lp in plan.quantized}
     session = RecordSession(record_path, record, expected=quantized, rounds=plan.batch_num)
     parents = _parents(model)
+    saved_masks = record.selective_masks() if restoring else {}
     for lp in plan:
         if not (lp.quantized or lp.sparse24):
             continue
         old = modules[lp.name]
-        new = compress_module(old, lp, plan.batch_num)
+        sparsity = None
+        if lp.sparse24 is not None:
+            sparsity = Sparse24Mask(old.weight, in_channel_axis(old), lp.sparse24.update_freq,
+                                    mask=_saved_mask(saved_masks, lp.name, old, record_path) if restoring else None)
+        new = compress_module(old, lp, plan.batch_num, sparsity)
         new.attach_session(session)
+        if sparsity is not None:
+            session.sparse_layers[lp.name] = new
+            record.set_selective_mask(sparsity.info(lp.name))
         bn = modules.get(bn_of.get(lp.name, ""))
         if lp.quantized and type(bn) in FOLDED_BN_CLASSES:
             folded_bn = rebase_module(bn, FOLDED_BN_CLASSES[type(bn)])
@@ -187,6 +195,17 @@ def _insert_layers(model: nn.Module, plan: CompressionPlan, df: Dataflow, record
             new.attach_folded_bn(folded_bn)
         _replace_module(parents, old, new)
     return session
+
+
+def _saved_mask(masks, name: str, module: nn.Module, source: str) -> torch.Tensor:
+    info = masks.get(name)
+    if info is None:
+        raise RecordError(f"{source}: no 2:4 mask (selective_prune record) for layer '{name}'; the record "
+                          "file does not match this config or model")
+    if tuple(info.mask_shape) != tuple(module.weight.shape):
+        raise RecordError(f"{source}: the 2:4 mask of '{name}' has shape {list(info.mask_shape)} but the "
+                          f"layer's weight is {list(module.weight.shape)}; the record file belongs to another model")
+    return torch.from_numpy(info.mask.astype("bool"))
 
 
 def create_compressed_retrain_model(model: nn.Module, input_data: Any, config_defination: str,
@@ -211,7 +230,6 @@ def create_compressed_retrain_model(model: nn.Module, input_data: Any, config_de
     """
     record_path = os.fspath(check_writable_dir(record_file, "record file", RecordError))
     work, inputs, plan, df = _prepare(model, input_data, config_defination)
-    _not_yet(plan)
     record = Record()
     if plan.channel_pruned:
         plan, decision = _prune(work, inputs, plan, df, record)
@@ -268,13 +286,12 @@ def restore_compressed_retrain_model(model: nn.Module, input_data: Any, config_d
     """
     record = read_record(record_file)
     work, inputs, plan, df = _prepare(model, input_data, config_defination)
-    _not_yet(plan)
     state = _load_checkpoint(pth_file, state_dict_name)
     prunes = record.channel_prunes()
     if prunes:  # the record, not a new selection, decides which channels are gone
         apply_records(work, prunes, source=os.fspath(record_file))
         _check_pruned(work, inputs, df, prunes)
-    _insert_layers(work, plan, df, record, os.fspath(record_file))
+    _insert_layers(work, plan, df, record, os.fspath(record_file), restoring=True)
     result = work.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
@@ -322,8 +339,7 @@ def save_compressed_retrain_model(model: nn.Module, record_file: str, save_path:
         if layer.act_quant is not None:
             record.set_quant(layer.layer_name, layer.quant_factors())
     if session is not None:
-        for source in session.mask_sources.values():
-            record.set_selective_mask(source())
+        session.refresh_masks()
     write_record(record_path, record)
     return export_models(model, inputs, save_prefix, input_names, output_names, dynamic_axes)
 

@@ -159,6 +159,11 @@ class _Resolver:
             prune = None
         if isinstance(prune, Sparse24Spec) and not isinstance(module, SPARSE24_TYPES):
             prune = None
+        if isinstance(prune, Sparse24Spec) and not isinstance(module, nn.Linear):
+            per_group = (module.in_channels // module.groups)
+            if per_group <= 2:
+                notes.append(f"2:4 skipped: {per_group} input channel(s) per group, nothing to remove")
+                prune = None
         if prune is not None and (skipped_all or self._in(c.prune_skip_layers, name)
                                   or self._in_types(c.prune_skip_types, module)):
             notes.append("sparsity skipped by the config")

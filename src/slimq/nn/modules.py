@@ -154,8 +154,11 @@ class CompressedLayer(nn.Module):
         if self.act_quant is not None:
             x = self.act_quant(x)
         session = self.session
-        if session is not None and self.training:
-            session.mark_training()
+        if session is not None:
+            if self.training:
+                session.mark_training()
+            elif self.sparsity is not None:
+                session.sparse_eval(self.layer_name)
         return layer_compute(self, x, self.quantized_weight(), self.bias, *args, **kwargs)
 
     @torch.no_grad()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Dict, Iterator, Optional, Set
+from typing import Any, Dict, Iterator, Optional, Set
 
 import torch.distributed as dist
 
-from .store import QuantFactors, Record, SelectiveMaskInfo, write_record
+from .store import QuantFactors, Record, write_record
 
 __all__ = ["RecordSession", "is_writer_rank"]
 
@@ -44,12 +44,7 @@ class RecordSession:
         self._reports: Dict[str, int] = {}
         self._written_rounds = 0
         self.writes = 0
-        self.mask_sources: Dict[str, Callable[[], SelectiveMaskInfo]] = {}
-
-    def __getstate__(self):  # picklable without the callables (they are re-attached on restore)
-        state = dict(self.__dict__)
-        state["mask_sources"] = {}
-        return state
+        self.sparse_layers: Dict[str, Any] = {}  # name -> layer with a 2:4 mask (its .sparsity)
 
     # -- called by layers -----------------------------------------------------------------
     def mark_training(self) -> None:
@@ -63,6 +58,16 @@ class RecordSession:
             self._reports.clear()
             self._written_rounds = 0
         return self._reports.get(name, 0)
+
+    def sparse_eval(self, name: str) -> None:
+        """An eval forward of a 2:4 layer: in a model without quantized layers nobody else writes
+        the (possibly re-chosen) masks, so write once per train->eval switch here."""
+        if self.expected:
+            return
+        self.eval_round(name)
+        if self._written_rounds == 0:
+            self._written_rounds = 1
+            self.flush()
 
     def wants_report(self, name: str) -> bool:
         """Whether layer ``name`` should compute and report factors on this eval forward."""
@@ -89,12 +94,15 @@ class RecordSession:
         finally:
             self._deferred = False
 
+    def refresh_masks(self) -> None:
+        for name, layer in self.sparse_layers.items():
+            self.record.set_selective_mask(layer.sparsity.info(name))
+
     def flush(self) -> None:
         """Write the record now (rank 0 only), refreshing 2:4 masks from their layers first."""
         if getattr(self, "_deferred", False):
             return
-        for source in self.mask_sources.values():
-            self.record.set_selective_mask(source())
+        self.refresh_masks()
         if is_writer_rank():
             write_record(self.path, self.record)
             self.writes += 1
