@@ -178,3 +178,15 @@ def test_external_data_path(tmp_path, write_cfg):
     with torch.no_grad():
         assert rel_l2(ort_run(report.fake_quant_path, x), cm(x).numpy()) <= 1e-6
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".slimq")) == []
+
+
+def test_syncbatchnorm_model_folds_and_exports(tmp_path, write_cfg):
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(MixedNet())
+    assert isinstance(model.bn, nn.SyncBatchNorm)
+    record = str(tmp_path / "r.txt")
+    cm = slimq.create_compressed_retrain_model(model, torch.randn(4, 2, 8, 8), write_cfg(QUANT_CFG), record)
+    assert type(cm.bn).__name__ == "FoldedSyncBatchNorm" and cm.conv.folded_bn is cm.bn
+    train(cm, make_batches(3, (8, 2, 8, 8), 10))
+    report = slimq.save_compressed_retrain_model(cm, record, str(tmp_path / "m"), torch.randn(4, 2, 8, 8))
+    assert report.fake_quant_vs_torch <= 1e-6
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(report.deploy_path).graph.node)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -27,11 +28,31 @@ def check_writable_dir(path: PathLike, what: str, error: type[SlimqError] = Slim
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
         raise error(f"{what} '{p}': folder '{folder}' does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise error(f"{what} '{p}': folder '{folder}' is not writable")
     if p.is_dir():
         raise error(f"{what} '{p}' is a folder; give a file path")
+    try:  # os.access says yes to root even on read-only folders: really try
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".slimq-probe-"):
+            pass
+    except OSError as exc:
+        raise error(f"{what} '{p}': folder '{folder}' is not writable ({exc.strerror})") from None
     return p
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files left by writers that were killed (their pid is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-4]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        except PermissionError:
+            pass
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -42,6 +63,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """
     path = Path(os.fspath(path))
     tmp = temp_path_for(path)
+    _remove_stale_temps(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

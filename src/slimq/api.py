@@ -197,6 +197,17 @@ def _insert_layers(model: nn.Module, plan: CompressionPlan, df: Dataflow, record
     return session
 
 
+def _check_record_names(record: Record, model: nn.Module, source: str) -> None:
+    """Every layer a record entry names must exist in the model, else the record is another model's."""
+    names = set(dict(model.named_modules()))
+    named = list(record.quant_layers()) + list(record.selective_masks())
+    named += [n.name for g in record.channel_prunes() for n in g.producers + g.consumers]
+    missing = sorted({n for n in named if n not in names})
+    if missing:
+        raise RecordError(f"{source}: the record names layers this model does not have ({missing[:5]}"
+                          f"{'...' if len(missing) > 5 else ''}); it belongs to another model")
+
+
 def _saved_mask(masks, name: str, module: nn.Module, source: str) -> torch.Tensor:
     info = masks.get(name)
     if info is None:
@@ -286,6 +297,7 @@ def restore_compressed_retrain_model(model: nn.Module, input_data: Any, config_d
     """
     record = read_record(record_file)
     work, inputs, plan, df = _prepare(model, input_data, config_defination)
+    _check_record_names(record, work, os.fspath(record_file))
     state = _load_checkpoint(pth_file, state_dict_name)
     prunes = record.channel_prunes()
     if prunes:  # the record, not a new selection, decides which channels are gone

@@ -106,10 +106,11 @@ class _ULQ(torch.autograd.Function):
         upper = (weighted - lo * clipped) / (hi - lo)
         lower = clipped - upper
         if not bool(torch.isfinite(err)):  # NaN/Inf in x or in the gradient poisons every sum
+            where = ("its input activations" if not bool(torch.isfinite(x).all())
+                     else "the gradient flowing back into it")
             raise NumericalError(
-                f"NaN or Inf reached quantized layer '{ctx.name}' during training (in its input "
-                "activations or in the gradient flowing back into it); lower the learning rate, "
-                "check the loss and the data, or resume from the last good checkpoint")
+                f"NaN or Inf reached quantized layer '{ctx.name}' during training, in {where}; lower "
+                "the learning rate, check the loss and the data, or resume from the last good checkpoint")
         n = float((1 << ctx.bits) - 1)
         g_max = err / n + upper
         g_min = torch.zeros_like(g_max) if ctx.fixed_min else lower - err / n

@@ -106,7 +106,7 @@ class ActQuantizer(nn.Module):
         cand_max, cand_min = Fq.ifmr_candidates(hi, lo)
         sse = Fq.quant_sse(samples, cand_max, cand_min, self.bits)
         count = torch.tensor([float(samples.numel())], dtype=torch.float64, device=sse.device)
-        if _distributed():
+        if self._collective():
             dist.all_reduce(sse)
             dist.all_reduce(count)
         best = int(torch.argmin(sse / count))
@@ -127,13 +127,18 @@ class ActQuantizer(nn.Module):
         else:
             lo_k = max(1, min(k, math.floor((1 - Fq.IFMR_PERCENTILE) * k) + 1))
             lo = torch.kthvalue(samples.cpu(), lo_k).values.clamp(max=0.0).to(samples.device)
-        if _distributed():
+        if self._collective():
             hi_lo = torch.stack([hi, -lo]).reshape(2)
             dist.all_reduce(hi_lo, op=dist.ReduceOp.MAX)
             hi, lo = hi_lo[0], -hi_lo[1]
         if float(hi - lo) <= 0.0:  # all-zero activations: any positive range will do
             hi = torch.ones((), device=samples.device)
         return hi, lo
+
+    def _collective(self) -> bool:
+        """Reduce across ranks only in training forwards: all DDP ranks run those in lockstep,
+        while an eval forward (e.g. inside save on rank 0) may run on one rank alone."""
+        return self.training and _distributed()
 
     def scale_offset(self) -> Tuple[float, int]:
         """Current ``(scale_d, offset_d)`` as the record stores them."""
@@ -197,29 +202,30 @@ class WeightQuantizer(nn.Module):
 class ShiftBitSearch(nn.Module):
     """searchN: accumulates, over eval batches, the int16 mapping error of each shift 1..16.
 
-    ``errors`` is ``[C, 16]`` (``C`` = 1 when not channel-wise); it is transient state, not part of
-    the state_dict, and restarts at every train->eval switch.
+    ``errors`` (``[C, 16]``, ``C`` = 1 when not channel-wise) is transient statistics of this
+    process's own eval data: a plain tensor, not a buffer, so it is neither in the state_dict nor
+    broadcast by DDP. It restarts at every train->eval switch.
     """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.register_buffer("errors", torch.zeros(channels, Fq.MAX_SHIFT, dtype=torch.float64),
-                             persistent=False)
+        self.channels = channels
+        self.errors: Optional[Tensor] = None
         self.batches = 0
 
     def reset(self) -> None:
-        self.errors.zero_()
+        self.errors = None
         self.batches = 0
 
     @torch.no_grad()
     def observe(self, acc: Tensor, channel_dim: int) -> None:
         """Add one batch of int32 accumulators ``acc`` (integral float, channels at ``channel_dim``)."""
-        per_channel = self.errors.shape[0] > 1
-        self.errors += Fq.shift_bit_errors(acc, channel_dim if per_channel else None)
+        errs = Fq.shift_bit_errors(acc, channel_dim if self.channels > 1 else None)
+        self.errors = errs if self.errors is None else self.errors + errs.to(self.errors.device)
         self.batches += 1
 
     def best(self) -> Tuple[int, ...]:
         """Best shift per channel (1..16); 0s before any eval batch was observed."""
-        if self.batches == 0:
-            return tuple(0 for _ in range(self.errors.shape[0]))
+        if self.errors is None:
+            return tuple(0 for _ in range(self.channels))
         return tuple(int(i) + 1 for i in torch.argmin(self.errors, dim=1).tolist())
