@@ -48,7 +48,11 @@ def test_quantize_train_record_export(tmp_path, write_cfg, case):
     with torch.no_grad():
         cm(torch.randn(*shape))
     rec = read_record(record)
-    assert set(rec.quant_layers()) == expected
+    assert {n for n in rec.quant_layers() if not n.endswith(":output")} == expected
+    outputs = {n[:-len(":output")] for n in rec.quant_layers() if n.endswith(":output")}
+    if case == "resnet18":  # convs that feed residual adds or the stem's max-pool: 1 + 8 + 3
+        assert outputs == {"conv1"} | {f"layer{i}.{j}.conv2" for i in range(1, 5) for j in range(2)} | {
+            f"layer{i}.0.downsample.0" for i in range(2, 5)}
     for name, layer in layers.items():
         f = rec.quant(name)
         out_ch = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
@@ -110,7 +114,9 @@ def test_save_before_any_eval_computes_the_factors(tmp_path, write_cfg):
     slimq.save_compressed_retrain_model(cm, record, str(tmp_path / "m"), torch.randn(2, 2, 8, 8))
     assert cm.training  # save restores the caller's mode
     rec = read_record(record)
-    assert len(rec.quant_layers()) == 4 and all(rec.quant(n).shift_bit for n in rec.quant_layers())
+    layers = [n for n in rec.quant_layers() if not n.endswith(":output")]
+    assert len(layers) == 4 and all(rec.quant(n).shift_bit for n in layers)
+    assert {n for n in rec.quant_layers() if n.endswith(":output")} == {"up:output", "seq:output"}
 
 
 def test_eval_forward_equals_float_bn_model_up_to_quantization(write_cfg, tmp_path):

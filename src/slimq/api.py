@@ -22,10 +22,13 @@ from .errors import CheckpointError, ConfigError, ExportError, GraphError, Model
 from .export.writer import ExportReport, export_models
 from .graph.channels import channel_groups
 from .graph.dataflow import Dataflow
-from .graph.facts import foldable_batchnorms
+from .config.plan import ActQuantSpec
+from .graph.facts import foldable_batchnorms, unread_conv_outputs
 from .graph.trace import trace
 from .nn.folding import FOLDED_BN_CLASSES
-from .nn.modules import CompressedLayer, compress_module, iter_compressed, rebase_module
+from .nn.modules import (OUTPUT_SUFFIX, CompressedLayer, compress_module, iter_compressed, output_factors,
+                         rebase_module)
+from .quant.quantizers import ActQuantizer
 from .prune import PruneDecision, annotate_plan, apply_records, decide, layer_costs, to_records
 from .record.session import RecordSession, is_writer_rank
 from .record.store import Record, read_record, write_record
@@ -172,6 +175,7 @@ def _insert_layers(model: nn.Module, plan: CompressionPlan, df: Dataflow, record
     modules = dict(model.named_modules())
     bn_of = foldable_batchnorms(df, modules)
     quantized = {lp.name for lp in plan.quantized}
+    outputs = unread_conv_outputs(df, quantized, bn_of, modules) if plan.conv_outputs else set()
     session = RecordSession(record_path, record, expected=quantized, rounds=plan.batch_num)
     parents = _parents(model)
     saved_masks = record.selective_masks() if restoring else {}
@@ -189,10 +193,16 @@ def _insert_layers(model: nn.Module, plan: CompressionPlan, df: Dataflow, record
             session.sparse_layers[lp.name] = new
             record.set_selective_mask(sparsity.info(lp.name))
         bn = modules.get(bn_of.get(lp.name, ""))
+        folded_bn = None
         if lp.quantized and type(bn) in FOLDED_BN_CLASSES:
             folded_bn = rebase_module(bn, FOLDED_BN_CLASSES[type(bn)])
+            folded_bn.add_module("out_quant", None)
             _replace_module(parents, bn, folded_bn)
             new.attach_folded_bn(folded_bn)
+        if lp.name in outputs:
+            spec = ActQuantSpec(bits=lp.act.bits, fixed_min=False, fp16_scale=lp.act.fp16_scale)
+            quantizer = ActQuantizer(spec, plan.batch_num, lp.name + OUTPUT_SUFFIX)
+            (folded_bn if folded_bn is not None else new).add_module("out_quant", quantizer)
         _replace_module(parents, old, new)
     return session
 
@@ -200,7 +210,8 @@ def _insert_layers(model: nn.Module, plan: CompressionPlan, df: Dataflow, record
 def _check_record_names(record: Record, model: nn.Module, source: str) -> None:
     """Every layer a record entry names must exist in the model, else the record is another model's."""
     names = set(dict(model.named_modules()))
-    named = list(record.quant_layers()) + list(record.selective_masks())
+    named = [n[:-len(OUTPUT_SUFFIX)] if n.endswith(OUTPUT_SUFFIX) else n for n in record.quant_layers()]
+    named += list(record.selective_masks())
     named += [n.name for g in record.channel_prunes() for n in g.producers + g.consumers]
     missing = sorted({n for n in named if n not in names})
     if missing:
@@ -350,6 +361,9 @@ def save_compressed_retrain_model(model: nn.Module, record_file: str, save_path:
     for name, layer in layers:
         if layer.act_quant is not None:
             record.set_quant(layer.layer_name, layer.quant_factors())
+            out = layer.output_quantizer()
+            if out is not None:
+                record.set_quant(layer.layer_name + OUTPUT_SUFFIX, output_factors(out))
     if session is not None:
         session.refresh_masks()
     write_record(record_path, record)

@@ -50,6 +50,7 @@ class ParsedConfig:
     lines: Dict[Path_, int]
     batch_num: int = 1
     fp16_scale: bool = False
+    conv_outputs: bool = True
     act: Optional[ActQuantSpec] = None
     weight: Optional[WeightQuantSpec] = None
     prune: Optional[PruneSpec] = None
@@ -235,6 +236,7 @@ def _fill(cfg: ParsedConfig, msg: Message) -> None:
         raise cfg.error(("batch_num",), "must be >= 1 (number of batches that initialise activation ranges)")
     cfg.batch_num = msg.batch_num
     cfg.fp16_scale = msg.HasField("fakequant_precision_mode")
+    cfg.conv_outputs = msg.quantize_conv_outputs
     has_w = msg.HasField("retrain_weight_quant_config")
     if msg.HasField("retrain_data_quant_config") or has_w:
         cfg.act = _act(cfg, msg.retrain_data_quant_config, ("retrain_data_quant_config",))

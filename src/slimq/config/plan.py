@@ -148,6 +148,7 @@ class CompressionPlan:
     layers: Tuple[LayerPlan, ...]
     batch_num: int = 1
     source: str = ""
+    conv_outputs: bool = True  # quantize conv outputs that no quantized layer reads
     _index: Dict[str, LayerPlan] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -199,4 +199,5 @@ def resolve(cfg: ParsedConfig, model: nn.Module, df: Dataflow) -> CompressionPla
     r = _Resolver(cfg, model, df)
     r.validate()
     layers = [lp for name, m in r.modules.items() if (lp := r.layer(name, m)) is not None]
-    return CompressionPlan(layers=tuple(layers), batch_num=cfg.batch_num, source=cfg.path)
+    return CompressionPlan(layers=tuple(layers), batch_num=cfg.batch_num, source=cfg.path,
+                           conv_outputs=cfg.conv_outputs)

@@ -24,9 +24,9 @@ from ..nn.modules import CompressedLayer, layer_compute, rebase_module
 from ..quant.functional import qrange
 from .qdq import dequant_weight, quant_dequant_u8
 
-__all__ = ["stand_in", "plain_float_layer"]
+__all__ = ["stand_in", "plain_float_layer", "OutputQuant"]
 
-_TRANSIENT = ("sparsity", "act_quant", "weight_quant", "shift_search")
+_TRANSIENT = ("sparsity", "act_quant", "weight_quant", "shift_search", "out_quant")
 _LINKS = ("_session", "_folded_bn", "_phase")
 
 
@@ -74,6 +74,11 @@ class _StandIn(nn.Module):
         return torch.clamp(torch.round(x / self.act_scale), self.act_lo, self.act_hi)
 
     def forward(self, x: Tensor, output_size=None) -> Tensor:
+        y = self._forward(x, output_size)
+        out = self._modules.get("out_quant")
+        return out(y) if out is not None else y
+
+    def _forward(self, x: Tensor, output_size=None) -> Tensor:
         if self.export_mode == "fake_quant":
             acc = layer_compute(self, self.integer_input(x), self.weight, self.bias, output_size)
             channel_dim = acc.dim() - 1 if isinstance(self, nn.Linear) else (1 if acc.dim() == self.weight.dim() else 0)
@@ -90,6 +95,26 @@ class _StandIn(nn.Module):
             y = torch.matmul(x, w)
             return y + bias if bias is not None else y
         return layer_compute(self, x, w, bias, output_size)
+
+
+class OutputQuant(nn.Module):
+    """Export form of an output quantizer: float Div/Round/Clip/Mul (fake_quant), or uint8
+    QuantizeLinear/DequantizeLinear (deploy, INT8) that ONNX Runtime fuses into the conv."""
+
+    def __init__(self, quantizer: nn.Module, mode: str) -> None:
+        super().__init__()
+        scale, offset = quantizer.scale_offset()
+        qmin, qmax = qrange(quantizer.bits)
+        self.mode, self.bits = mode, quantizer.bits
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+        self.register_buffer("zero_point", torch.tensor(float(offset - qmin)))
+        self.register_buffer("lo", torch.tensor(float(qmin - offset)))
+        self.register_buffer("hi", torch.tensor(float(qmax - offset)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "deploy" and self.bits == 8:
+            return quant_dequant_u8(x, self.scale, self.zero_point)
+        return torch.clamp(torch.round(x / self.scale), self.lo, self.hi) * self.scale
 
 
 def _stand_in_class(base: type) -> type:
@@ -118,8 +143,12 @@ def _strip(module: nn.Module) -> nn.Module:
 def stand_in(layer: CompressedLayer, mode: str) -> nn.Module:
     """The module that replaces a quantized ``layer`` in an export (``fake_quant``/``deploy``)."""
     grid = integerize(layer)
+    out_quant = layer.out_quant
     module = _strip(rebase_module(layer, _CLASSES[_base_of(layer)]))
+    module._modules.pop("out_quant", None)
     module.setup(grid, mode)
+    if out_quant is not None:
+        module.add_module("out_quant", OutputQuant(out_quant, mode))
     return module
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ExportError
 from ..nn.modules import CompressedLayer, iter_compressed
-from .stand_ins import plain_float_layer, stand_in
+from .stand_ins import OutputQuant, plain_float_layer, stand_in
 
 __all__ = ["ExportReport", "export_models", "EXTERNAL_DATA_BYTES", "ONNX_OPSET"]
 
@@ -64,10 +64,11 @@ def _swapped(model: nn.Module, mode: str) -> Iterator[None]:
             if layer.act_quant is not None:
                 _set_module(model, name, stand_in(layer, mode))
                 bn = layer.folded_bn
-                if bn is not None:
+                if bn is not None:  # folded into the stand-in; its output quantizer stays
                     bn_name = next(n for n, m in model.named_modules() if m is bn)
                     originals.append((bn_name, bn))
-                    _set_module(model, bn_name, nn.Identity())
+                    out = getattr(bn, "out_quant", None)
+                    _set_module(model, bn_name, OutputQuant(out, mode) if out is not None else nn.Identity())
             else:
                 _set_module(model, name, plain_float_layer(layer))
         yield

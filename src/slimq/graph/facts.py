@@ -7,7 +7,7 @@ from torch import nn
 
 from .dataflow import Dataflow, External, Node
 
-__all__ = ["nonnegative_input", "foldable_batchnorms"]
+__all__ = ["nonnegative_input", "foldable_batchnorms", "unread_conv_outputs"]
 
 # Outputs >= 0 whatever the input.
 _NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Softplus)
@@ -122,3 +122,44 @@ def foldable_batchnorms(df: Dataflow, modules: Dict[str, nn.Module]) -> Dict[str
 def producer_module(df: Dataflow, value_id: int) -> Optional[str]:
     node = df.producer(value_id)
     return node.target if node is not None and node.is_module else None
+
+
+_RELU_MODULES = (nn.ReLU, nn.ReLU6)
+_RELU_FUNCTIONS = {"relu", "relu_", "relu6"}
+
+
+def _read_only_by_quantized(df: Dataflow, value_id: int, quantized: Set[str]) -> bool:
+    """Every use of the value is the (first) input of a quantized layer, possibly after ReLU."""
+    users = df.values[value_id].consumers
+    if not users or df.is_output(value_id):
+        return False
+    for nid, pos in users:
+        node = df.nodes[nid]
+        if node.is_module and node.target in quantized and pos == 0:
+            continue
+        relu = (node.is_module and node.module_type is not None and issubclass(node.module_type, _RELU_MODULES)) \
+            or (not node.is_module and node.target in _RELU_FUNCTIONS)
+        if relu and node.outputs and _read_only_by_quantized(df, node.outputs[0], quantized):
+            continue
+        return False
+    return True
+
+
+def unread_conv_outputs(df: Dataflow, quantized: Set[str], bn_of: Dict[str, str],
+                        modules: Dict[str, nn.Module]) -> Set[str]:
+    """Quantized convolutions whose output (after their folded BatchNorm) is not read only by
+    quantized layers: in ONNX Runtime such a conv only runs as an INT8 kernel if its output is
+    quantized too. Outputs that reach the model output are left in float."""
+    out: Set[str] = set()
+    for name in quantized:
+        calls = df.module_calls(name)
+        if not isinstance(modules.get(name), nn.modules.conv._ConvNd) or len(calls) != 1 or not calls[0].outputs:
+            continue
+        vid = calls[0].outputs[0]
+        if name in bn_of:
+            vid = df.module_calls(bn_of[name])[0].outputs[0]
+        if df.is_output(vid):
+            continue
+        if not _read_only_by_quantized(df, vid, quantized):
+            out.add(name)
+    return out

@@ -115,12 +115,17 @@ def channel_shape(per_channel: Tensor, output_dim: int, channel_dim: int) -> Ten
 
 
 class _FoldedBN:
-    """A BatchNorm that the preceding quantized layer folds in eval mode: identity in eval."""
+    """A BatchNorm that the preceding quantized layer folds in eval mode: identity in eval.
+
+    ``out_quant`` (optional ActQuantizer) quantizes the BatchNorm's output, i.e. the layer's
+    output, when no quantized layer reads it (see ``graph.facts.unread_conv_outputs``).
+    """
+
+    out_quant: Optional[nn.Module]
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.training:
-            return super().forward(input)
-        return input
+        y = super().forward(input) if self.training else input
+        return self.out_quant(y) if self.out_quant is not None else y
 
 
 class FoldedBatchNorm1d(_FoldedBN, nn.BatchNorm1d):

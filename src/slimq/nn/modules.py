@@ -38,6 +38,8 @@ __all__ = [
     "out_major",
     "from_out_major",
     "rebase_module",
+    "OUTPUT_SUFFIX",
+    "output_factors",
 ]
 
 
@@ -159,7 +161,8 @@ class CompressedLayer(nn.Module):
                 session.mark_training()
             elif self.sparsity is not None:
                 session.sparse_eval(self.layer_name)
-        return layer_compute(self, x, self.quantized_weight(), self.bias, *args, **kwargs)
+        y = layer_compute(self, x, self.quantized_weight(), self.bias, *args, **kwargs)
+        return self.out_quant(y) if self.out_quant is not None else y
 
     @torch.no_grad()
     def _eval_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -170,14 +173,26 @@ class CompressedLayer(nn.Module):
             acc = layer_compute(self, x_int, grid.q.to(x_int.device), grid.bias_int, *args, **kwargs)
         channel_dim = self.output_channel_dim(acc)
         y = acc / channel_shape(grid.divisor.to(acc.device), acc.dim(), channel_dim)
+        if self.out_quant is not None:
+            y = self.out_quant(y)
         session = self.session
         if session is not None and session.wants_report(self.layer_name):
             if self.__dict__.get("_phase") != session.phase:
                 object.__setattr__(self, "_phase", session.phase)
                 self.shift_search.reset()
             self.shift_search.observe(acc, channel_dim)
+            out = self.output_quantizer()
+            if out is not None:
+                session.set_quant(self.layer_name + OUTPUT_SUFFIX, output_factors(out))
             session.report(self.layer_name, self.quant_factors())
         return y.to(x.dtype)
+
+    def output_quantizer(self) -> Optional[ActQuantizer]:
+        """The quantizer of this layer's output (its own, or its folded BatchNorm's), if any."""
+        if self.out_quant is not None:
+            return self.out_quant
+        bn = self.folded_bn
+        return getattr(bn, "out_quant", None) if bn is not None else None
 
     # -- factors ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -196,6 +211,16 @@ class CompressedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", layer_name={self.layer_name!r}"
+
+
+OUTPUT_SUFFIX = ":output"  # record key of a layer's output quantization
+
+
+def output_factors(q: ActQuantizer) -> QuantFactors:
+    """Record entry of an output quantizer: activation factors only."""
+    scale, offset = q.scale_offset()
+    return QuantFactors(scale_d=scale, offset_d=offset, scale_w=(), offset_w=(), act_type=f"INT{q.bits}",
+                        wts_type=f"INT{q.bits}", fp16_scale=q.fp16_scale)
 
 
 class CompressedConv1d(CompressedLayer, nn.Conv1d):
@@ -267,6 +292,7 @@ def compress_module(module: nn.Module, plan: LayerPlan, batch_num: int,
     new = rebase_module(module, cls)
     new.layer_name = plan.name
     new.add_module("sparsity", sparsity)
+    new.add_module("out_quant", None)
     if plan.quantized:
         out_channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
         new.add_module("act_quant", ActQuantizer(plan.act, batch_num, plan.name))

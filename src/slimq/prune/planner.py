@@ -190,4 +190,4 @@ def annotate_plan(plan: CompressionPlan, decision: PruneDecision,
         else:
             reason = decision.blocked.get(lp.name, "not a producer of any channel group")
             layers.append(replace(lp, prune=None, notes=lp.notes + (f"channel pruning blocked: {reason}",)))
-    return CompressionPlan(layers=tuple(layers), batch_num=plan.batch_num, source=plan.source)
+    return replace(plan, layers=tuple(layers), _index={})
