@@ -9,7 +9,6 @@ import math
 import os
 import tempfile
 
-import pytest
 import torch
 from google.protobuf import text_format
 from hypothesis import HealthCheck, given, settings

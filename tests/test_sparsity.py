@@ -11,7 +11,6 @@ from torch import nn
 import slimq
 from helpers import make_batches, ort_run, rel_l2, train
 from slimq.errors import ConfigError, RecordError
-from slimq.nn import CompressedLayer
 from slimq.record import read_record
 from slimq.sparsity import Sparse24Mask, in_channel_axis, is_2of4, mask_2of4, to_semi_structured
 

@@ -18,7 +18,7 @@ from ._io import check_writable_dir
 from .config.load import load_config
 from .config.plan import CompressionPlan
 from .config.resolve import resolve
-from .errors import CheckpointError, ConfigError, ExportError, GraphError, ModelError, RecordError
+from .errors import CheckpointError, ExportError, GraphError, ModelError, RecordError
 from .export.writer import ExportReport, export_models
 from .graph.channels import channel_groups
 from .graph.dataflow import Dataflow

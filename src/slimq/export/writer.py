@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..nn.modules import CompressedLayer, iter_compressed
+from ..nn.modules import iter_compressed
 from .stand_ins import OutputQuant, plain_float_layer, stand_in
 
 __all__ = ["ExportReport", "export_models", "EXTERNAL_DATA_BYTES", "ONNX_OPSET"]

@@ -43,15 +43,20 @@ def _grouped_columns(weight: Tensor, groups: int, in_channels: int, keep: Sequen
     return torch.cat(chunks, dim=rows_dim)
 
 
+def _keep_rows(m: nn.Module, keep: Sequence[int]) -> None:
+    """Keep output rows ``keep`` of weight (dim 0) and bias."""
+    idx = _index(keep, m.weight.device)
+    m.weight = _param(m.weight, m.weight.index_select(0, idx))
+    if m.bias is not None:
+        m.bias = _param(m.bias, m.bias.index_select(0, idx))
+
+
 class ConvSurgery:
     """Conv1d/2d/3d: weight ``[C_out, C_in/groups, *k]``."""
 
     @staticmethod
     def keep_out(m: nn.Module, keep: Sequence[int]) -> None:
-        idx = _index(keep, m.weight.device)
-        m.weight = _param(m.weight, m.weight.index_select(0, idx))
-        if m.bias is not None:
-            m.bias = _param(m.bias, m.bias.index_select(0, idx))
+        _keep_rows(m, keep)
         m.out_channels = len(keep)
 
     @staticmethod
@@ -78,16 +83,8 @@ class ConvTransposeSurgery:
 
     @staticmethod
     def keep_in(m: nn.Module, keep: Sequence[int]) -> None:
-        if m.groups == 1:
-            w = m.weight.index_select(0, _index(keep, m.weight.device))
-        else:
-            per = m.in_channels // m.groups
-            parts = []
-            for g in range(m.groups):
-                local = [k for k in keep if g * per <= k < (g + 1) * per]
-                parts.append(m.weight.index_select(0, _index(local, m.weight.device)))
-            w = torch.cat(parts, dim=0)
-        m.weight = _param(m.weight, w)
+        # rows are the global input channels, grouped or not (groups stay even: see planner)
+        m.weight = _param(m.weight, m.weight.index_select(0, _index(keep, m.weight.device)))
         m.in_channels = len(keep)
 
     keep_channels = keep_out
@@ -98,10 +95,7 @@ class LinearSurgery:
 
     @staticmethod
     def keep_out(m: nn.Module, keep: Sequence[int]) -> None:
-        idx = _index(keep, m.weight.device)
-        m.weight = _param(m.weight, m.weight.index_select(0, idx))
-        if m.bias is not None:
-            m.bias = _param(m.bias, m.bias.index_select(0, idx))
+        _keep_rows(m, keep)
         m.out_features = len(keep)
 
     @staticmethod
