@@ -262,9 +262,12 @@ def quant_sse(samples: Tensor, clip_max: Tensor, clip_min: Tensor, bits: int) ->
     scale, offset = ulq_scale_offset(clip_max, clip_min, bits)
     qmin, qmax = qrange(bits)
     x = samples.float().reshape(1, -1)
-    s, o = scale.reshape(-1, 1), offset.reshape(-1, 1)
-    y = (torch.clamp(torch.round(x / s) + o, qmin, qmax) - o) * s
-    return ((y - x) ** 2).sum(dim=1, dtype=torch.float64)
+    out = []
+    for start in range(0, scale.numel(), 8):  # 8 candidates at a time: bounded temporaries
+        s, o = scale[start:start + 8].reshape(-1, 1), offset[start:start + 8].reshape(-1, 1)
+        y = torch.div(x, s).round_().add_(o).clamp_(qmin, qmax).sub_(o).mul_(s)
+        out.append(y.sub_(x).square_().sum(dim=1, dtype=torch.float64))
+    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------- searchN

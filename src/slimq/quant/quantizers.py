@@ -18,7 +18,7 @@ from . import functional as Fq
 
 __all__ = ["ActQuantizer", "WeightQuantizer", "ShiftBitSearch"]
 
-MAX_INIT_SAMPLES = 1 << 18  # per batch, taken with a fixed stride (deterministic)
+MAX_INIT_SAMPLES = 1 << 16  # per batch, taken with a fixed stride (deterministic)
 
 
 def _distributed() -> bool:
@@ -29,9 +29,10 @@ class ActQuantizer(nn.Module):
     """ULQ fake-quant of a layer's input with learnable ``clip_max`` / ``clip_min``.
 
     Without configured clips, the first ``batch_num`` forwards (train or eval) initialise them:
-    IFMR-style search for the pair ``(f*P_hi, f*P_lo)``, f in 0.70..1.30, that minimises the
-    quantization MSE, where P_hi/P_lo are the 99.9999th/0.0001th percentiles of the samples seen
-    so far. Under DDP the percentiles and errors are reduced across ranks, so every rank gets the
+    samples of every batch are kept, and on the last of them an IFMR-style search picks the pair
+    ``(f*P_hi, f*P_lo)``, f in 0.70..1.30, that minimises the quantization MSE over all samples,
+    where P_hi/P_lo are their 99.9999th/0.0001th percentiles (earlier batches use the
+    percentiles as they stand). Under DDP the percentiles and errors are reduced across ranks, so every rank gets the
     same clips. Once ``initialized`` is 1 (also when loaded from a checkpoint) nothing
     re-initialises.
 
@@ -103,6 +104,11 @@ class ActQuantizer(nn.Module):
         self._samples.append(flat)
         samples = torch.cat(self._samples)
         hi, lo = self._percentiles(samples)
+        self.init_batches += 1
+        if int(self.init_batches) < self.batch_num:  # until the last init batch: the percentiles
+            self.clip_max.fill_(float(hi))
+            self.clip_min.fill_(float(lo))
+            return
         cand_max, cand_min = Fq.ifmr_candidates(hi, lo)
         sse = Fq.quant_sse(samples, cand_max, cand_min, self.bits)
         count = torch.tensor([float(samples.numel())], dtype=torch.float64, device=sse.device)
@@ -112,11 +118,9 @@ class ActQuantizer(nn.Module):
         best = int(torch.argmin(sse / count))
         self.clip_max.fill_(float(cand_max[best]))
         self.clip_min.fill_(float(cand_min[best]))
-        self.init_batches += 1
-        if int(self.init_batches) >= self.batch_num:
-            self.initialized.fill_(1)
-            self._samples = []
-            self._ready = True
+        self.initialized.fill_(1)
+        self._samples = []
+        self._ready = True
 
     def _percentiles(self, samples: Tensor) -> Tuple[Tensor, Tensor]:
         k = samples.numel()

@@ -20,9 +20,10 @@ class Sparse24Mask(nn.Module):
     at construction, from the same weights, so that the record and an eval before training have
     one). ``update_freq`` k > 0: re-chosen every k training batches. Eval forwards never change it.
 
-    The weight is multiplied by the mask, so masked weights get zero gradient, and the stored
-    weights at masked positions are set to zero whenever the mask is applied in training, so no
-    optimizer state (momentum, weight decay, Adam moments) can bring them back.
+    Masked weights are replaced by zero in forward (``torch.where``), so they get zero gradient;
+    the stored weights at masked positions are set to zero whenever the mask is chosen, and, with
+    ``update_freq`` > 0, on every training forward (a weight masked at a re-choice may still carry
+    momentum). So no optimizer state (momentum, weight decay, Adam moments) brings them back.
 
     Buffers: ``mask`` (bool, the weight's shape) and ``step`` (training batches seen); both are in
     the state_dict, so restore continues the schedule exactly.
@@ -55,10 +56,11 @@ class Sparse24Mask(nn.Module):
             with torch.no_grad():
                 if refresh:
                     self.mask.copy_(mask_2of4(weight, self.axis))
-                weight.mul_(self.mask)
+                if refresh or self.update_freq > 0:
+                    weight.masked_fill_(~self.mask, 0.0)
                 self.step += 1
             self._step += 1
-        return weight * self.mask.to(weight.dtype)
+        return torch.where(self.mask, weight, 0.0)
 
     def info(self, name: str) -> SelectiveMaskInfo:
         """The record entry of this mask."""
