@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 # On the 2-vCPU VMs this runs on, OpenMP's default spin-waiting made 2-thread training steps 2-7x
 # slower than 1 thread (and erratic); passive waiting fixes that. Must be set before torch loads
