@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from torch import nn
 
@@ -756,7 +756,3 @@ def _reshape_axis(in_shape: Sequence[int], out_shape: Sequence[int], lin: Layout
 def channel_groups(df: Dataflow, modules: Dict[str, nn.Module]) -> List[ChannelGroup]:
     """Every channel group with a Conv/Linear producer, with its members and block reasons."""
     return _Analyzer(df, modules).run()
-
-
-def groups_by_producer(groups: Iterable[ChannelGroup]) -> Dict[str, ChannelGroup]:
-    return {p: g for g in groups for p in g.producers}

@@ -7,7 +7,7 @@ is ``graph.channels``' job.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -115,9 +115,3 @@ class Dataflow:
         if node.is_module:
             return f"'{node.target}' ({node.module_type.__name__ if node.module_type else '?'})"
         return f"function '{node.target}'"
-
-    def first_input(self, node: Node) -> Optional[int]:
-        return node.inputs[0] if node.inputs else None
-
-    def arg_values(self, node: Node) -> Sequence[Any]:
-        return node.args

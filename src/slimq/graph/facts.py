@@ -1,7 +1,7 @@
 """Per-layer facts read off the dataflow: non-negative inputs and foldable BatchNorms."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Set
+from typing import Dict, Set
 
 from torch import nn
 
@@ -117,11 +117,6 @@ def foldable_batchnorms(df: Dataflow, modules: Dict[str, nn.Module]) -> Dict[str
             continue
         out[node.target] = bn.target
     return out
-
-
-def producer_module(df: Dataflow, value_id: int) -> Optional[str]:
-    node = df.producer(value_id)
-    return node.target if node is not None and node.is_module else None
 
 
 _RELU_MODULES = (nn.ReLU, nn.ReLU6)

@@ -106,10 +106,6 @@ class CompressedLayer(nn.Module):
     def from_out_major(self, w2d: Tensor, shape: torch.Size) -> Tensor:
         return from_out_major(self, w2d, shape)
 
-    @property
-    def out_channels_(self) -> int:
-        return self.out_features if isinstance(self, nn.Linear) else self.out_channels
-
     def output_channel_dim(self, y: Tensor) -> int:
         if isinstance(self, nn.Linear):
             return y.dim() - 1
