@@ -90,13 +90,29 @@ def test_inspect_text_and_json(demo_run):
     (("plan", "{cfg}", "--model", "torchvision:resnet18", "--input-shape", "1,x,8"), "comma-separated integers"),
     (("plan", "{cfg}", "--model", "torchvision:resnet18", "--input-shape", "1,5,32,32"), "forward pass failed"),
     (("inspect", "nothere.txt"), "does not exist"),
-    (("inspect", "{cfg}"), "corrupt"),
+    (("inspect", "{cfg}"), "simple config file, not a record"),
+    (("inspect", "{dir}"), "is a folder"),
     (("frobnicate",), "invalid choice"),
 ])
 def test_bad_arguments_exit_2_with_a_message(tmp_path, args, needle):
     cfg = tmp_path / "c.cfg"
     cfg.write_text(CFG)
-    res = slimq(*(a.replace("{cfg}", str(cfg)) for a in args), cwd=tmp_path)
+    res = slimq(*(a.replace("{cfg}", str(cfg)).replace("{dir}", str(tmp_path)) for a in args), cwd=tmp_path)
     assert res.returncode == 2
     assert needle in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_config_and_record_from_stdin_and_pipes(tmp_path, demo_run):
+    """``-`` reads standard input; a pipe path (bash's ``<(...)``, /dev/stdin) is a readable path too."""
+    args = ("--model", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--json")
+    res = subprocess.run([sys.executable, "-m", "slimq", "plan", "-", *args], input=CFG, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["macs_reduction"] > 0.3
+    out, _ = demo_run
+    record = (out / "record.txt").read_text()
+    res = subprocess.run(["bash", "-c", f"{sys.executable} -m slimq inspect <(cat) --json"], input=record,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads(res.stdout)["channel_pruning"]) == 3

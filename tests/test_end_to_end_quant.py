@@ -16,7 +16,7 @@ from conftest import QUANT_CFG
 from helpers import (MixedNet, batched, fp32_onnx_bytes, initializer_types, make_batches, ort_run,
                      rel_l2, train)
 from slimq.nn import CompressedLayer
-from slimq.record import read_record
+from slimq.record import RecordCollector, read_record
 
 CASES = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (8, 3, 32, 32)),
@@ -80,7 +80,7 @@ def test_quantize_train_record_export(tmp_path, write_cfg, case):
 
     types = initializer_types(dep_path)
     for name in layers:
-        assert types.get(f"{name}.w_int") == onnx.TensorProto.INT8, name
+        assert types.get(f"{name}.w_q") == onnx.TensorProto.UINT8, name
         assert f"{name}.weight" not in types  # no float copy of quantized weights
     assert report.int8_initializers >= len(layers)
     fp32_bytes = fp32_onnx_bytes(original, x[:1])
@@ -91,7 +91,7 @@ def test_quantize_train_record_export(tmp_path, write_cfg, case):
 def test_record_is_written_once_per_train_eval_switch(tmp_path, write_cfg):
     cm = slimq.create_compressed_retrain_model(MixedNet(), torch.randn(4, 2, 8, 8), write_cfg(QUANT_CFG),
                                                str(tmp_path / "r.txt"))
-    session = next(m.session for m in cm.modules() if isinstance(m, CompressedLayer))
+    session = RecordCollector.of(cm)
     train(cm, make_batches(2, (4, 2, 8, 8), 10))
     cm.eval()
     with torch.no_grad():
@@ -129,11 +129,10 @@ def test_eval_forward_equals_float_bn_model_up_to_quantization(write_cfg, tmp_pa
     cm.eval()
     with torch.no_grad():
         folded = cm(x)
-        for m in cm.modules():  # run the BatchNorms in float, unfolded
-            if isinstance(m, CompressedLayer):
-                object.__setattr__(m, "_folded_bn", None)
+        cm.train()  # the training-mode math (float conv, then the BatchNorm) with running statistics
+        for m in cm.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.__class__ = nn.BatchNorm2d
+                m.eval()
         unfolded = cm(x)
     assert rel_l2(folded.numpy(), unfolded.numpy()) < 0.05
 
@@ -153,7 +152,8 @@ override_layer_configs { layer_name: "head" retrain_weight_quant_config { arq_re
     assert read_record(record).quant("seq").act_type == "INT16"
     assert read_record(record).quant("head").wts_type == "INT4"
     types = initializer_types(report.deploy_path)
-    assert types["seq.w_int"] == onnx.TensorProto.INT32 and types["head.w_int"] == onnx.TensorProto.INT8
+    assert types["seq.w_q"] == onnx.TensorProto.INT16 and types["head.w_q"] == onnx.TensorProto.INT4
+    assert report.opset == 21 and report.deploy_vs_fake_quant <= 1e-2
 
 
 def test_fp16_scale_mode_is_recorded_and_exported(tmp_path, write_cfg):
@@ -169,13 +169,15 @@ def test_fp16_scale_mode_is_recorded_and_exported(tmp_path, write_cfg):
 
 def test_external_data_path(tmp_path, write_cfg):
     """Models of 2 GB and more go to ONNX external data; exercised with a lowered threshold."""
+    from slimq._calls import check_inputs
     from slimq.export.writer import export_models
+    from slimq.record import Record
 
     record = str(tmp_path / "r.txt")
     cm = slimq.create_compressed_retrain_model(MixedNet(), torch.randn(4, 2, 8, 8), write_cfg(QUANT_CFG), record)
     train(cm, make_batches(2, (8, 2, 8, 8), 10))
     x = torch.randn(4, 2, 8, 8)
-    report = export_models(cm, (x,), str(tmp_path / "big"), external_bytes=0)
+    report = export_models(cm, check_inputs((x,)), str(tmp_path / "big"), Record(), external_bytes=0)
     assert report.external_data
     for path in (report.fake_quant_path, report.deploy_path):
         assert (tmp_path / (path.split("/")[-1] + ".data")).exists()
@@ -191,7 +193,7 @@ def test_syncbatchnorm_model_folds_and_exports(tmp_path, write_cfg):
     assert isinstance(model.bn, nn.SyncBatchNorm)
     record = str(tmp_path / "r.txt")
     cm = slimq.create_compressed_retrain_model(model, torch.randn(4, 2, 8, 8), write_cfg(QUANT_CFG), record)
-    assert type(cm.bn).__name__ == "FoldedSyncBatchNorm" and cm.conv.folded_bn is cm.bn
+    assert type(cm.bn).__name__ == "FoldedIntoLayer" and isinstance(cm.conv.bn, nn.SyncBatchNorm)
     train(cm, make_batches(3, (8, 2, 8, 8), 10))
     report = slimq.save_compressed_retrain_model(cm, record, str(tmp_path / "m"), torch.randn(4, 2, 8, 8))
     assert report.fake_quant_vs_torch <= 1e-6

@@ -107,10 +107,12 @@ def test_rechosen_masks_never_revive_pruned_weights(tmp_path, write_cfg):
 
 def _two_of_four_in_onnx(path: str, name: str, axis: int) -> bool:
     init = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
-    for key in (f"{name}.w_int", f"{name}.weight"):
+    for key in (f"{name}.w_q", f"{name}.q", f"{name}.weight"):
         if key in init:
             w = init[key]
-            if key.endswith("w_int") and w.ndim == 2:  # Linear deploy weights are stored as W^T
+            if w.dtype == np.uint8:  # deploy weights: uint8 with zero point 128
+                w = w.astype(np.int16) - 128
+            if key.endswith("w_q") and w.ndim == 2:  # Linear deploy weights are stored as W^T
                 w = w.T
             return is_2of4(torch.from_numpy(np.ascontiguousarray(w).astype(np.float32)), axis)
     raise AssertionError(f"no weight initializer for {name}")
@@ -218,7 +220,7 @@ def test_restore_rejects_missing_or_mismatched_masks(tmp_path, write_cfg):
     del rec.message.prune_record[-1]  # drop one 2:4 entry
     from slimq.record import write_record
     write_record(tmp_path / "partial.txt", rec)
-    with pytest.raises(RecordError, match="no 2:4 mask"):
+    with pytest.raises(RecordError, match=r"2:4 layers differ.*'fc'"):
         slimq.restore_compressed_retrain_model(Mixed(), torch.randn(2, 3, 8, 8), cfg,
                                                str(tmp_path / "partial.txt"), str(tmp_path / "ckpt.pth"))
 

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Union
 
 from .errors import SlimqError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "check_writable_dir", "temp_path_for"]
+__all__ = ["FileTransaction", "atomic_write_bytes", "atomic_write_text", "check_writable_dir", "read_text_file",
+           "temp_path_for"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -36,6 +38,31 @@ def check_writable_dir(path: PathLike, what: str, error: type[SlimqError] = Slim
     except OSError as exc:
         raise error(f"{what} '{p}': folder '{folder}' is not writable ({exc.strerror})") from None
     return p
+
+
+def read_text_file(path: PathLike, what: str, error: type[SlimqError], hint: str) -> str:
+    """The UTF-8 text of ``path`` (a file or a pipe such as ``/dev/stdin``), without a leading BOM.
+
+    Raises:
+        error: the path is missing, a folder, unreadable or not UTF-8; the message names it and
+            ends with ``hint``.
+    """
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        raise error(f"{what} '{p}' is a folder; {hint}")
+    if not os.path.exists(p):
+        raise error(f"{what} '{p}' does not exist; {hint}")
+    try:
+        with open(p, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise error(f"{what} '{p}' cannot be read: {exc.strerror}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise error(f"{p}:{line}: {what} is not valid UTF-8 text") from None
+    return text[1:] if text.startswith("\ufeff") else text  # editors on Windows write a BOM
 
 
 def _remove_stale_temps(path: Path) -> None:
@@ -81,3 +108,59 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Text version of :func:`atomic_write_bytes` (UTF-8)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class FileTransaction:
+    """Files written as one unit: staged under temporary names next to their final place, then
+    renamed into place together by :meth:`commit` (each rename atomic). Until then no final file
+    is touched; :meth:`abort` (also on leaving a ``with`` block with an exception) deletes the
+    staged files.
+
+    Staging happens in a private folder beside each final folder (same filesystem), so a file and
+    its companions (``model.onnx`` and ``model.onnx.data``) keep their relative names.
+    """
+
+    def __init__(self) -> None:
+        self._folders: dict = {}
+        self._staged: list = []  # (staged path, final path), in commit order
+
+    def path(self, final: PathLike) -> Path:
+        """Where to write the staged version of ``final`` (its companions go next to it)."""
+        final = Path(os.fspath(final))
+        folder = final.parent if str(final.parent) else Path(".")
+        tmp = self._folders.get(folder)
+        if tmp is None:
+            tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".slimq-stage-"))
+            self._folders[folder] = tmp
+        staged = tmp / final.name
+        self._staged.append((staged, final))
+        return staged
+
+    def text(self, final: PathLike, text: str) -> None:
+        """Stage ``text`` (UTF-8) as the new content of ``final``."""
+        staged = self.path(final)
+        with open(staged, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def commit(self) -> None:
+        """Rename every staged file (and companions created beside it) into place."""
+        for staged, final in self._staged:
+            for companion in sorted(staged.parent.glob(staged.name + ".*")):
+                os.replace(companion, final.with_name(companion.name))
+            if staged.exists():
+                os.replace(staged, final)
+        self.abort()
+
+    def abort(self) -> None:
+        for tmp in self._folders.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._folders.clear()
+        self._staged.clear()
+
+    def __enter__(self) -> "FileTransaction":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()

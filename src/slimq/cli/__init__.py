@@ -21,7 +21,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     plan = sub.add_parser("plan", help="dry run: what a config does to each layer of a model")
-    plan.add_argument("config", help="simple config file (protobuf text format)")
+    plan.add_argument("config", help="simple config file (protobuf text format; - for standard input)")
     plan.add_argument("--model", required=True,
                       help="torchvision:NAME (random init), FILE.py:CALLABLE or MODULE:CALLABLE")
     plan.add_argument("--input-shape", action="append", required=True, metavar="N,C,H,W",
@@ -29,9 +29,14 @@ def _build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="JSON instead of a table")
 
     inspect = sub.add_parser("inspect", help="summarise a record file")
-    inspect.add_argument("record", help="record file written by slimq or AMCT")
+    inspect.add_argument("record", help="record file written by slimq or AMCT (- for standard input)")
     inspect.add_argument("--json", action="store_true", help="JSON instead of text")
     return parser
+
+
+def _path(arg: str) -> str:
+    """``-`` means standard input (any readable path works too, pipes such as ``<(...)`` included)."""
+    return "/dev/stdin" if arg == "-" else arg
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -48,11 +53,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "plan":
             from .commands import run_plan
 
-            print(run_plan(args.config, args.model, args.input_shape, args.json))
+            print(run_plan(_path(args.config), args.model, args.input_shape, args.json))
         else:
             from .commands import run_inspect
 
-            print(run_inspect(args.record, args.json))
+            print(run_inspect(_path(args.record), args.json))
     except SlimqError as exc:
         print(f"slimq: error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional, Tuple, TypeVar, Union
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError, Message
 
+from .._io import read_text_file
 from .._proto import load_proto
 from ..errors import ConfigError
 from .plan import ActQuantSpec, ChannelPruneSpec, Sparse24Spec, WeightQuantSpec
@@ -182,20 +183,8 @@ def load_config(path: Union[str, "os.PathLike[str]"]) -> ParsedConfig:
     path_s = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
     if path_s is None:
         raise ConfigError(f"config_defination must be a path to a config file, got {type(path).__name__}")
-    if not os.path.isfile(path_s):
-        what = "is a folder" if os.path.isdir(path_s) else "does not exist"
-        raise ConfigError(f"config file '{path_s}' {what}; pass the path of a simple config file "
-                          "(protobuf text format, see README 'Config file')")
-    try:
-        with open(path_s, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise ConfigError(f"config file '{path_s}' cannot be read: {exc.strerror}") from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"{path_s}:{line}: config file is not valid UTF-8 text") from exc
+    text = read_text_file(path_s, "config file", ConfigError,
+                          "pass the path of a simple config file (protobuf text format, see README 'Config file')")
     return parse_config_text(text, path_s)
 
 

@@ -161,6 +161,12 @@ class _Resolver:
             prune = None
         if isinstance(prune, Sparse24Spec) and not isinstance(module, nn.Linear):
             per_group = (module.in_channels // module.groups)
+            named = sources[0] is not None and sources[0].prune is prune
+            if per_group <= 2 and named:
+                raise ConfigError(
+                    f"{c.path}:{sources[0].line}: override_layer_configs '{name}': 2:4 sparsity needs at "
+                    f"least 3 input channels per group, but this {type(module).__name__} has {per_group} "
+                    "(depthwise or grouped): nothing to remove; remove its prune_config")
             if per_group <= 2:
                 notes.append(f"2:4 skipped: {per_group} input channel(s) per group, nothing to remove")
                 prune = None

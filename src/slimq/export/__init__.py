@@ -1,6 +1,7 @@
-"""Export: BatchNorm folding and 2:4 baking on export stand-ins, fake_quant and deploy ONNX."""
-from .stand_ins import plain_float_layer, stand_in
-from .writer import EXTERNAL_DATA_BYTES, ONNX_OPSET, ExportReport, export_models
+"""Export: every target built from each layer's integer form on a copy; ONNX files and parity."""
+from .report import ExportReport, OutputParity, TargetResult
+from .targets import TARGETS
+from .writer import EXTERNAL_DATA_BYTES, ONNX_OPSET, export_models
 
-__all__ = ["EXTERNAL_DATA_BYTES", "ONNX_OPSET", "ExportReport", "export_models", "plain_float_layer",
-           "stand_in"]
+__all__ = ["EXTERNAL_DATA_BYTES", "ONNX_OPSET", "ExportReport", "OutputParity", "TARGETS", "TargetResult",
+           "export_models"]

@@ -1,51 +1,141 @@
-"""Write the fake_quant and deploy ONNX models of a compressed model, then check them in ORT.
+"""save's export: every target from one integer form per layer, on a deep copy, as one transaction.
 
-The model's compressed layers are swapped for export stand-ins (and folded BatchNorms for
-``Identity``) only for the duration of each export, in a ``finally``-guarded block. Files are
-written under temporary names and renamed into place once both exist and ONNX Runtime ran them.
+1. A deep copy of the model (the user's model and its record collector are never touched), in
+   eval mode and float32.
+2. One eval forward on ``input_data``: the PyTorch reference outputs and searchN's statistics;
+   the factors and 2:4 masks go into the record.
+3. Each layer's integer form, computed once; each target (a read-only table in
+   :mod:`.targets`) builds its stand-ins from it, and the copy is exported once per target.
+4. Every file is checked (``onnx.checker``, full check) and run in ONNX Runtime on exactly the
+   declared inputs; the measured deviations go into the report.
+5. Only then are the files renamed into place, the record with them.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import logging
-import os
-import shutil
-import tempfile
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
-from ..errors import ExportError
-from ..nn.modules import iter_compressed
-from .stand_ins import OutputQuant, plain_float_layer, stand_in
+from .._calls import ModelInputs, call, eval_mode, flatten_tensors
+from .._io import FileTransaction
+from ..errors import ExportError, SlimqError
+from ..nn.modules import CompressedLayer, iter_compressed
+from ..nn.replace import FoldedIntoLayer
+from ..record.collector import RecordCollector, check_finite
+from ..record.store import Record
+from . import onnx_post
+from .report import (EXACT_TOLERANCE, TARGET_TOLERANCE, ExportReport, TargetResult, argmax_agreement,
+                     compare_outputs)
+from .targets import TARGETS, plain_float_layer
+from .targets.deploy import int4_initializers, needs_opset21
 
-__all__ = ["ExportReport", "export_models", "EXTERNAL_DATA_BYTES", "ONNX_OPSET"]
+__all__ = ["export_models", "EXTERNAL_DATA_BYTES", "ONNX_OPSET", "EXPORTERS"]
 
 log = logging.getLogger("slimq")
 ONNX_OPSET = 17  # per-axis QuantizeLinear/DequantizeLinear need >= 13; TensorRT 8.6 reads 17
+OPSET_WIDE = 21  # int4/int16/uint16 in QuantizeLinear/DequantizeLinear
 EXTERNAL_DATA_BYTES = 2 ** 31 - 2 ** 26  # protobuf's 2 GB limit, with room for the graph
+ALWAYS = ("fake_quant", "deploy")
 
 
-@dataclass
-class ExportReport:
-    """What save wrote and how the written files behaved in ONNX Runtime on ``input_data``."""
+# --------------------------------------------------------------------------- the export copy
 
-    fake_quant_path: str
-    deploy_path: str
-    fake_quant_bytes: int
-    deploy_bytes: int
-    int8_initializers: int
-    fake_quant_vs_torch: float  # relative L2 error of ORT fake_quant vs PyTorch eval
-    deploy_vs_fake_quant: float  # relative L2 error of ORT deploy vs ORT fake_quant
-    external_data: bool = False
-    notes: List[str] = field(default_factory=list)
+
+def _export_copy(model: nn.Module) -> Tuple[nn.Module, List[str]]:
+    """A float32 eval-mode deep copy without slimq's record hooks, and notes on what changed."""
+    notes: List[str] = []
+    try:
+        work = copy.deepcopy(model)
+    except Exception as exc:
+        raise ExportError(f"the model cannot be deep-copied for export ({type(exc).__name__}: {exc}); "
+                          "export works on a copy so that your model stays untouched") from exc
+    RecordCollector.detach(work)
+    dtypes = {p.dtype for p in work.parameters()} | {b.dtype for b in work.buffers() if b.is_floating_point()}
+    low = sorted(str(d).replace("torch.", "") for d in dtypes if d in (torch.float16, torch.bfloat16))
+    if low:
+        work.float()
+        notes.append(f"the model holds {', '.join(low)} tensors; both ONNX files are exported in float32")
+    return work.eval(), notes
+
+
+class _TensorInputs(nn.Module):
+    """The model with exactly the tensors of ``input_data`` as inputs: every other argument (Python
+    numbers, strings, None, keyword flags) is fixed, so none of it becomes a graph input."""
+
+    def __init__(self, model: nn.Module, inputs: ModelInputs) -> None:
+        super().__init__()
+        self.model = model
+        self.template = inputs
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        it = iter(tensors)
+
+        def fill(obj: Any) -> Any:
+            if isinstance(obj, torch.Tensor):
+                return next(it)
+            if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+                return type(obj)(fill(o) for o in obj)
+            if isinstance(obj, dict):
+                return {k: fill(v) for k, v in obj.items()}
+            return obj
+
+        return self.model(*fill(self.template.args), **fill(self.template.kwargs))
+
+
+def _default_input_names(model: nn.Module, inputs: ModelInputs) -> List[str]:
+    """Argument names of the forward for each tensor input (``name_0``... inside nests)."""
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    names: List[str] = []
+    for i, arg in enumerate(inputs.args):
+        base = params[i].name if i < len(params) else f"input_{i}"
+        names += _nest_names(base, arg)
+    for key, value in inputs.kwargs.items():
+        names += _nest_names(key, value)
+    seen: Dict[str, int] = {}
+    out = []
+    for n in names:  # unique
+        k = seen.get(n, 0)
+        seen[n] = k + 1
+        out.append(n if k == 0 else f"{n}_{k}")
+    return out
+
+
+def _nest_names(base: str, obj: Any) -> List[str]:
+    tensors = flatten_tensors(obj)
+    if isinstance(obj, torch.Tensor):
+        return [base]
+    return [f"{base}_{i}" for i in range(len(tensors))]
+
+
+# --------------------------------------------------------------------------- factors, stand-ins
+
+
+def _reference_and_factors(work: nn.Module, inputs: ModelInputs, record: Record,
+                           layers: Mapping[str, CompressedLayer]) -> List[np.ndarray]:
+    """One eval forward: PyTorch's outputs, and every factor/mask into ``record``."""
+    check_finite(layers)
+    collector = RecordCollector(None, record, layers, rounds=1)
+    collector.attach(work)
+    try:
+        with eval_mode(work):
+            out = call(work, inputs)
+    finally:
+        RecordCollector.detach(work)
+    if layers:
+        collector.gather()
+    return [t.detach().float().cpu().numpy() for t in flatten_tensors(out)]
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -54,154 +144,180 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent._modules[child] = module
 
 
-@contextmanager
-def _swapped(model: nn.Module, mode: str) -> Iterator[None]:
-    """Temporarily replace compressed layers with their export stand-ins."""
-    originals: List[Tuple[str, nn.Module]] = []
+@contextlib.contextmanager
+def _swapped(work: nn.Module, replacements: Mapping[str, nn.Module]) -> Iterator[None]:
+    originals = {name: work.get_submodule(name) for name in replacements}
     try:
-        for name, layer in list(iter_compressed(model)):
-            originals.append((name, layer))
-            if layer.act_quant is not None:
-                _set_module(model, name, stand_in(layer, mode))
-                bn = layer.folded_bn
-                if bn is not None:  # folded into the stand-in; its output quantizer stays
-                    bn_name = next(n for n, m in model.named_modules() if m is bn)
-                    originals.append((bn_name, bn))
-                    out = getattr(bn, "out_quant", None)
-                    _set_module(model, bn_name, OutputQuant(out, mode) if out is not None else nn.Identity())
-            else:
-                _set_module(model, name, plain_float_layer(layer))
+        for name, module in replacements.items():
+            _set_module(work, name, module)
         yield
     finally:
-        for name, module in reversed(originals):
-            _set_module(model, name, module)
+        for name, module in originals.items():
+            _set_module(work, name, module)
 
 
-def _flatten(out: Any) -> List[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flatten(o)]
-    return []
+def _stand_ins(target: str, layers: Mapping[str, CompressedLayer], forms: Mapping[str, Any],
+               options: Mapping[str, Any]) -> Dict[str, nn.Module]:
+    build = TARGETS[target]
+    return {name: (build(layer, forms[name], **options) if layer.quantized else plain_float_layer(layer))
+            for name, layer in layers.items()}
 
 
-def _rel_l2(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
-    num = sum(float(np.sum((x.astype(np.float64) - y.astype(np.float64)) ** 2)) for x, y in zip(a, b))
-    den = sum(float(np.sum(y.astype(np.float64) ** 2)) for y in b)
-    return float(np.sqrt(num / max(den, 1e-30)))
+def float_layers(work: nn.Module) -> List[str]:
+    """Modules that compute in float with parameters of their own between the quantized layers
+    (unfolded norms, unquantized Conv/Linear, embeddings, layer scales)."""
+    out = []
+    for name, m in work.named_modules():
+        if not name or isinstance(m, (CompressedLayer, FoldedIntoLayer)):
+            continue
+        if any(True for _ in m.parameters(recurse=False)) or any(
+                b.is_floating_point() for b in m.buffers(recurse=False)):
+            out.append(name)
+    return out
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def _torchscript_export(module: nn.Module, tensors: Sequence[torch.Tensor], path: Path, input_names,
+                        output_names, dynamic_axes, opset: int) -> None:
+    kwargs: Dict[str, Any] = dict(input_names=list(input_names), output_names=output_names,
+                                  dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True)
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["dynamo"] = False  # the TorchScript exporter: follows Python control flow, runs symbolic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its deprecation notices
+        torch.onnx.export(module, tuple(tensors), str(path), **kwargs)
+
+
+EXPORTERS: Mapping[str, Callable[..., None]] = {"torchscript": _torchscript_export}
+
+
+def _pick_exporter(name: str) -> str:
+    if name == "auto":
+        return "torchscript" if "torchscript" in EXPORTERS else "dynamo"
+    if name not in EXPORTERS:
+        raise ExportError(f"exporter must be one of {sorted(EXPORTERS) + ['auto']}, got {name!r}")
+    return name
+
+
+def _ort_run(path: Path, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> List[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in sess.get_inputs()}
+    feed = {n: t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+            for n, t in zip(names, tensors) if n in wanted}
+    return sess.run(None, feed)
 
 
 def _state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def _export_one(model: nn.Module, inputs: Tuple[Any, ...], target: Path, input_names, output_names,
-                dynamic_axes, external_bytes: int) -> bool:
-    """torch.onnx.export to ``target`` (inside a private temp folder); returns whether the
-    tensors went to external data (``<target>.data``, referenced by file name)."""
-    big = _state_bytes(model) >= external_bytes
-    kwargs: Dict[str, Any] = dict(input_names=input_names, output_names=output_names,
-                                  dynamic_axes=dynamic_axes, opset_version=ONNX_OPSET,
-                                  do_constant_folding=True)
-    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
-        kwargs["dynamo"] = False  # the TorchScript exporter: follows Python control flow, runs symbolic()
-    raw = target.with_name("raw_" + target.name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # its deprecation notices
-        torch.onnx.export(model, inputs, str(raw), **kwargs)
-    proto = onnx.load(str(raw), load_external_data=True)
-    proto.producer_name, proto.producer_version = "slimq", _version()
-    if big:
-        onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=target.name + ".data", size_threshold=0)
-    else:
-        onnx.save_model(proto, str(target))
-    return big
+def _file_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def _version() -> str:
-    from .. import __version__
-    return __version__
-
-
-def _ort_run(path: Path, inputs: Tuple[Any, ...]) -> List[np.ndarray]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-    feed = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), tensors)}
-    return sess.run(None, feed)
-
-
-def _count_int8(path: Path) -> int:
-    proto = onnx.load(str(path), load_external_data=False)
-    return sum(1 for t in proto.graph.initializer if t.data_type in (onnx.TensorProto.INT8,))
-
-
-def export_models(model: nn.Module, inputs: Tuple[Any, ...], save_path: str,
+def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record: Record, *,
                   input_names: Optional[List[str]] = None, output_names: Optional[List[str]] = None,
-                  dynamic_axes: Optional[Dict[str, Any]] = None,
+                  dynamic_axes: Optional[Dict[str, Any]] = None, strict: bool = False,
+                  targets: Optional[Sequence[str]] = None, exporter: str = "auto",
+                  signed_weights: bool = False, record_path: Optional[str] = None,
                   external_bytes: int = EXTERNAL_DATA_BYTES) -> ExportReport:
-    """Write ``<save_path>_fake_quant_model.onnx`` and ``<save_path>_deploy_model.onnx``.
-
-    Both are exported and run in ONNX Runtime from a temp folder next to them, then renamed into
-    place (external data first), so a failure leaves no partial file.
+    """Write ``<save_path>_<target>_model.onnx`` for fake_quant, deploy and any extra ``targets``,
+    and ``record`` (refreshed with the factors) to ``record_path``, as one transaction.
 
     Raises:
-        ExportError: the export or the ONNX Runtime check failed.
+        ExportError: a target failed to export or run, produced NaN/Inf, or (``strict``)
+            disagreed with the fake_quant model beyond tolerance. Nothing is written then.
+        NumericalError: NaN/Inf reached a quantized layer during training.
     """
-    final = {mode: Path(f"{save_path}_{mode}_model.onnx") for mode in ("fake_quant", "deploy")}
-    training = {m: m.training for m in model.modules()}
-    notes: List[str] = []
-    external = False
-    tmpdir = Path(tempfile.mkdtemp(dir=final["deploy"].parent, prefix=".slimq-export-"))
-    staged = {mode: tmpdir / p.name for mode, p in final.items()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            reference = [t.detach().cpu().numpy() for t in _flatten(model(*inputs))]
-        for mode in ("fake_quant", "deploy"):
-            with _swapped(model, mode):
-                try:
-                    external |= _export_one(model, inputs, staged[mode], input_names, output_names,
-                                            dynamic_axes, external_bytes)
-                except Exception as exc:
-                    raise ExportError(f"ONNX export of the {mode} model failed: {type(exc).__name__}: "
-                                      f"{exc}") from exc
+    names = list(ALWAYS) + [t for t in (targets or ()) if t not in ALWAYS]
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown:
+        raise ExportError(f"unknown export target(s) {unknown}; available: {sorted(TARGETS)}")
+    kind = _pick_exporter(exporter)
+    work, notes = _export_copy(model)
+    layers = dict(iter_compressed(work))
+    reference = _reference_and_factors(work, inputs, record, layers)
+    forms = {n: layer.integer_form() for n, layer in layers.items() if layer.quantized}
+    wide = any(needs_opset21(f) for f in forms.values())
+    tensors = [t.detach().float() if t.is_floating_point() else t.detach() for t in inputs.tensors()]
+    in_names = list(input_names) if input_names else _default_input_names(work, inputs)
+    wrapper = _TensorInputs(work, inputs)
+    external = _state_bytes(work) >= external_bytes
+    options = {"signed_weights": signed_weights}
+    with FileTransaction() as tx:
+        staged: Dict[str, Path] = {}
+        for target in names:
+            final = Path(f"{save_path}_{target}_model.onnx")
+            staged[target] = tx.path(final)
+            try:
+                with _swapped(work, _stand_ins(target, layers, forms, options)), torch.no_grad():
+                    EXPORTERS[kind](wrapper, tensors, staged[target], in_names, output_names, dynamic_axes,
+                                    ONNX_OPSET)
+                    int4 = int4_initializers(work)
+                onnx_post.finish(staged[target], opset=OPSET_WIDE if wide else None, int4=int4,
+                                 external=external, prefix="model.")
+            except SlimqError:
+                raise
+            except Exception as exc:
+                raise ExportError(f"ONNX export of the {target} model failed: {type(exc).__name__}: {exc}") from exc
         try:
-            fq_out = _ort_run(staged["fake_quant"], inputs)
-            dep_out = _ort_run(staged["deploy"], inputs)
+            results = {t: _ort_run(p, in_names, tensors) for t, p in staged.items()}
         except Exception as exc:
             raise ExportError(f"ONNX Runtime could not run the exported models: {exc}") from exc
-        fq_err = _rel_l2(fq_out, reference) if reference else 0.0
-        dep_err = _rel_l2(dep_out, fq_out)
-        if not (np.isfinite(fq_err) and np.isfinite(dep_err)):
-            raise ExportError("the exported models produce NaN/Inf in ONNX Runtime on input_data")
-        if fq_err > 1e-2:
-            notes.append(f"fake_quant ONNX differs from the PyTorch model by {fq_err:.2e} "
-                         "(relative L2) on input_data")
-            log.warning("slimq: %s", notes[-1])
-        for mode in ("fake_quant", "deploy"):
-            data = staged[mode].with_name(staged[mode].name + ".data")
-            if data.exists():
-                os.replace(data, str(final[mode]) + ".data")
-            os.replace(staged[mode], final[mode])
-        return ExportReport(
-            fake_quant_path=str(final["fake_quant"]), deploy_path=str(final["deploy"]),
-            fake_quant_bytes=_file_bytes(final["fake_quant"]), deploy_bytes=_file_bytes(final["deploy"]),
-            int8_initializers=_count_int8(final["deploy"]), fake_quant_vs_torch=fq_err,
-            deploy_vs_fake_quant=dep_err, external_data=external, notes=notes)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        for m, flag in training.items():
-            m.training = flag
+        report = _report(save_path, staged, results, reference, output_names, notes, work, kind,
+                         OPSET_WIDE if wide else ONNX_OPSET, external, strict)
+        if record_path is not None:
+            tx.text(record_path, record.to_text())
+        tx.commit()
+    return report
 
 
-def _file_bytes(path: Path) -> int:
-    size = path.stat().st_size
-    data = Path(str(path) + ".data")
-    return size + (data.stat().st_size if data.exists() else 0)
+def _report(save_path: str, staged: Mapping[str, Path], results: Mapping[str, List[np.ndarray]],
+            reference: List[np.ndarray], output_names, notes: List[str], work: nn.Module, kind: str,
+            opset: int, external: bool, strict: bool) -> ExportReport:
+    fq = results["fake_quant"]
+    if not all(np.isfinite(o).all() for r in results.values() for o in r):
+        raise ExportError("the exported models produce NaN/Inf in ONNX Runtime on input_data")
+    out_names = list(output_names) if output_names else [f"output_{i}" for i in range(len(fq))]
+    fq_err = _rel_l2_all(fq, reference)
+    floats = float_layers(work)
+    if fq_err > EXACT_TOLERANCE:
+        where = f" (float layers between quantizers: {floats[:6]}{'...' if len(floats) > 6 else ''})" if floats else ""
+        notes.append(f"fake_quant ONNX differs from the PyTorch model by {fq_err:.2e} (relative L2) on "
+                     f"input_data{where}")
+    final = {t: Path(f"{save_path}_{t}_model.onnx") for t in staged}
+    targets: Dict[str, TargetResult] = {}
+    disagree = []
+    for t, out in results.items():
+        err = 0.0 if t == "fake_quant" else _rel_l2_all(out, fq)
+        agree = [a for a in (argmax_agreement(o, f) for o, f in zip(out, fq)) if a is not None]
+        targets[t] = TargetResult(t, str(final[t]), _file_bytes(staged[t]), err,
+                                  float(np.mean(agree)) if agree else None)
+        if err > TARGET_TOLERANCE:
+            disagree.append(t)
+            notes.append(f"the {t} model differs from the fake_quant model by {err:.2e} (relative L2) on "
+                         f"input_data, above the tolerance {TARGET_TOLERANCE:g}")
+    for n in notes:
+        log.warning("slimq: %s", n)
+    if strict and (disagree or fq_err > TARGET_TOLERANCE):
+        raise ExportError("save(strict=True): " + "; ".join(notes))
+    int8 = onnx_post.count_integer_weights(staged["deploy"])
+    return ExportReport(
+        fake_quant_path=str(final["fake_quant"]), deploy_path=str(final["deploy"]),
+        fake_quant_bytes=targets["fake_quant"].bytes, deploy_bytes=targets["deploy"].bytes,
+        int8_initializers=int8, fake_quant_vs_torch=fq_err, deploy_vs_fake_quant=targets["deploy"].rel_l2_vs_fake_quant,
+        external_data=external, notes=notes, outputs=compare_outputs(out_names, reference, fq, results["deploy"]),
+        targets=targets, float_layers=floats, exporter=kind, opset=opset)
+
+
+def _rel_l2_all(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
+    num = sum(float(np.sum((x.astype(np.float64) - y.astype(np.float64)) ** 2)) for x, y in zip(a, b))
+    den = sum(float(np.sum(y.astype(np.float64) ** 2)) for y in b)
+    return float(np.sqrt(num / max(den, 1e-30)))

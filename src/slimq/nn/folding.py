@@ -1,9 +1,10 @@
 """What a quantized layer computes in eval mode: integers, BatchNorm folded, exact arithmetic.
 
-A quantized layer followed by a BatchNorm trains with the BatchNorm in float. In eval mode, and
-in both ONNX files, the BatchNorm is folded: the weight integers stay the same and the
-per-channel weight scale becomes ``scale_w * |gamma / sigma|`` (the layer's ARQ already quantized
-with the sign of gamma, so no integer leaves its range).
+A quantized layer followed by a BatchNorm trains with the BatchNorm in float (the BatchNorm is
+the layer's ``bn`` submodule, see :mod:`slimq.nn.replace`). In eval mode, and in every ONNX
+target, the BatchNorm is folded: the weight integers stay the same and the per-channel weight
+scale becomes ``scale_w * |gamma / sigma|`` (the layer's ARQ already quantized with the sign of
+gamma, so no integer leaves its range).
 
 The eval forward is computed on the integer grid::
 
@@ -26,71 +27,98 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..quant.functional import FLT_EPS, qrange
+from ..quant.functional import FLT_EPS
+from ..quant.grid import Grid
 
-__all__ = ["IntegerLayer", "integerize", "scale_like_weight", "channel_shape",
-           "FoldedBatchNorm1d", "FoldedBatchNorm2d", "FoldedBatchNorm3d", "FoldedSyncBatchNorm",
-           "FOLDED_BN_CLASSES"]
+__all__ = ["IntegerLayer", "integerize", "scale_like_weight", "channel_shape", "out_major",
+           "from_out_major", "INT32_MAX"]
 
 INT32_MAX = 2 ** 31 - 1
 
 
-@dataclass
+def out_major(module: nn.Module, w: Tensor) -> Tensor:
+    """View a layer's weight as ``[C_out, K]`` (ConvTranspose stores ``[C_in, C_out/groups, ...]``)."""
+    if not isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return w.reshape(w.shape[0], -1)
+    g = module.groups
+    return w.reshape(g, w.shape[0] // g, w.shape[1], -1).transpose(1, 2).reshape(g * w.shape[1], -1)
+
+
+def from_out_major(module: nn.Module, w2d: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`out_major`."""
+    if not isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return w2d.reshape(shape)
+    g = module.groups
+    return w2d.reshape(g, shape[1], shape[0] // g, -1).transpose(1, 2).reshape(shape)
+
+
+@dataclass(frozen=True)
 class IntegerLayer:
-    """The integer-grid form of one quantized layer (BatchNorm folded).
+    """The integer-grid form of one quantized layer (BatchNorm folded): what the eval forward
+    and every export target compute with.
 
     Attributes:
         q: weight integers (float dtype, integral values) in the layer's own weight layout.
-        scale: folded weight scale, ``[C_out]`` or ``[1]``.
-        bias_int: bias on the ``scale_d * scale`` grid (integral float), ``[C_out]`` or None.
-        divisor: ``1 / (scale_d * scale)``, ``[C_out]`` or ``[1]``: ``y = acc / divisor``.
-        w_bits, act_bits: integer widths; act_scale/act_offset: the ULQ grid of the input.
+        weight: the weight grid, per output channel (``[C_out]``) or per tensor (``[1]``), with
+            the folded BatchNorm's ``|gamma / sigma|`` included.
+        raw_scale: the layer's own weight scale (what the record stores as ``scale_w``).
+        bias_int: bias on the ``scale_d * weight.scale`` grid (integral float), or None.
+        divisor: ``1 / (scale_d * weight.scale)``: ``y = acc / divisor``.
+        act: the grid of the layer's input; out: the grid of its output quantizer, or None.
     """
 
     q: Tensor
-    scale: Tensor
+    weight: Grid
+    raw_scale: Tensor
     bias_int: Optional[Tensor]
     divisor: Tensor
-    w_bits: int
-    act_bits: int
-    act_scale: float
-    act_offset: int
+    act: Grid
+    out: Optional[Grid] = None
 
     @property
     def bias(self) -> Optional[Tensor]:
-        """The bias in float, as the deploy model's int32 bias dequantizes it."""
-        return None if self.bias_int is None else self.bias_int * (self.act_scale * self.scale)
+        """The bias in float, as an int32 bias dequantizes it (``bias_int * scale_d * scale_w``)."""
+        return None if self.bias_int is None else self.bias_int * (self.act.scale * self.weight.scale)
+
+    @property
+    def bias_scale(self) -> Tensor:
+        """Scale of the int32 bias grid, ``scale_d * scale_w`` (computed in float64)."""
+        return (self.act.scale.double() * self.weight.scale.double()).float()
+
+
+def _folded(layer, scale: Tensor, bias: Optional[Tensor]):
+    """(scale, bias) with the layer's BatchNorm folded in, or unchanged without one."""
+    bn = getattr(layer, "bn", None)
+    if bn is None:
+        return scale, bias
+    sigma = torch.sqrt(bn.running_var.float() + bn.eps)
+    gamma = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(sigma)
+    beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(sigma)
+    factor = gamma / sigma
+    base = bias if bias is not None else torch.zeros_like(sigma)
+    return scale.expand_as(factor) * factor.abs(), (base - bn.running_mean.float()) * factor + beta
 
 
 @torch.no_grad()
 def integerize(layer) -> IntegerLayer:
-    """Integer-grid form of a quantized ``CompressedLayer`` (and of its folded BatchNorm)."""
+    """Integer-grid form of a quantized compressed layer (and of its BatchNorm, if any)."""
     w = layer.masked_weight().detach().float()
-    w2d = layer.out_major(w)
+    w2d = out_major(layer, w)
     sign = layer.channel_sign()
-    scale = layer.weight_scale().float().to(w.device)
-    bits = layer.weight_quant.bits
-    qmin, qmax = qrange(bits)
+    raw = layer.weight_quant.current_scale(w2d, sign).float().to(w.device)
     signed = w2d * sign.reshape(-1, 1) if sign is not None else w2d
-    q2d = torch.div(signed, scale.reshape(-1, 1)).round_().clamp_(qmin, qmax)
+    q2d = Grid.symmetric(raw, layer.weight_quant.bits).index(signed, axis=0)
     bias = layer.bias.detach().float() if layer.bias is not None else None
-    bn = layer.folded_bn
-    if bn is not None:
-        sigma = torch.sqrt(bn.running_var.float() + bn.eps)
-        gamma = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(sigma)
-        beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(sigma)
-        factor = gamma / sigma
-        scale = scale.expand_as(factor) * factor.abs()
-        base = bias if bias is not None else torch.zeros_like(sigma)
-        bias = (base - bn.running_mean.float()) * factor + beta
-    s_d, o_d = layer.act_quant.scale_offset()
-    acc_scale = (s_d * scale.double()).clamp(min=FLT_EPS ** 2)
+    scale, bias = _folded(layer, raw, bias)
+    act = layer.act_quant.grid()
+    acc_scale = (act.scale.double().to(scale.device) * scale.double()).clamp(min=FLT_EPS ** 2)
     bias_int = None
     if bias is not None:
         bias_int = torch.round(bias.double() / acc_scale).clamp(-INT32_MAX, INT32_MAX).float()
-    return IntegerLayer(q=layer.from_out_major(q2d, w.shape), scale=scale.clone(), bias_int=bias_int,
-                        divisor=(1.0 / acc_scale).float(), w_bits=bits, act_bits=layer.act_quant.bits,
-                        act_scale=s_d, act_offset=o_d)
+    out = layer.out_quant.grid() if layer.out_quant is not None else None
+    return IntegerLayer(q=from_out_major(layer, q2d, w.shape), weight=Grid.symmetric(scale, layer.weight_quant.bits),
+                        raw_scale=raw.clone(), bias_int=bias_int, divisor=(1.0 / acc_scale).float(), act=act,
+                        out=out)
 
 
 def scale_like_weight(module: nn.Module, scale: Tensor, weight_shape: torch.Size) -> Tensor:
@@ -112,37 +140,3 @@ def channel_shape(per_channel: Tensor, output_dim: int, channel_dim: int) -> Ten
     shape = [1] * output_dim
     shape[channel_dim] = -1
     return per_channel.reshape(shape)
-
-
-class _FoldedBN:
-    """A BatchNorm that the preceding quantized layer folds in eval mode: identity in eval.
-
-    ``out_quant`` (optional ActQuantizer) quantizes the BatchNorm's output, i.e. the layer's
-    output, when no quantized layer reads it (see ``graph.facts.unread_conv_outputs``).
-    """
-
-    out_quant: Optional[nn.Module]
-
-    def forward(self, input: Tensor) -> Tensor:
-        y = super().forward(input) if self.training else input
-        return self.out_quant(y) if self.out_quant is not None else y
-
-
-class FoldedBatchNorm1d(_FoldedBN, nn.BatchNorm1d):
-    pass
-
-
-class FoldedBatchNorm2d(_FoldedBN, nn.BatchNorm2d):
-    pass
-
-
-class FoldedBatchNorm3d(_FoldedBN, nn.BatchNorm3d):
-    pass
-
-
-class FoldedSyncBatchNorm(_FoldedBN, nn.SyncBatchNorm):
-    pass
-
-
-FOLDED_BN_CLASSES = {nn.SyncBatchNorm: FoldedSyncBatchNorm, nn.BatchNorm3d: FoldedBatchNorm3d,
-                     nn.BatchNorm2d: FoldedBatchNorm2d, nn.BatchNorm1d: FoldedBatchNorm1d}

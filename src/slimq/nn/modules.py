@@ -1,26 +1,28 @@
 """Trainable compressed layers: the float layer plus optional 2:4 mask and QAT quantizers.
 
 ``CompressedConv2d`` *is* an ``nn.Conv2d`` (so ``isinstance`` checks, ``weight``/``bias`` names and
-state_dict keys stay), built around the original Parameters without copying them. Its forward
-is: mask the weight (2:4), fake-quantize the input (ULQ) and the weight (ARQ/ULQ), then the
-ordinary convolution. In eval mode it also feeds searchN and reports its factors to the
-model's :class:`~slimq.record.session.RecordSession`.
+state_dict keys stay), built around the original Parameters without copying them.
+
+Training forward: mask the weight (2:4), fake-quantize the input (ULQ) and the weight (ARQ/ULQ),
+the ordinary convolution, then the folded BatchNorm (``bn``) and the output quantizer
+(``out_quant``) when there are any. Eval forward: the integer-grid computation of
+:mod:`slimq.nn.folding` that every export target reproduces. The layers do no file I/O and hold
+no links outside their own submodules; the record collector observes them through forward hooks
+(on the layer, and on ``acc_tap`` for searchN's accumulators).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Dict, Iterator, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config.plan import LayerPlan
-from ..quant.quantizers import ActQuantizer, ShiftBitSearch, WeightQuantizer
-from ..record.session import RecordSession
-from ..record.store import QuantFactors
-from .folding import channel_shape, integerize
+from ..config.plan import ActQuantSpec, LayerPlan
+from ..quant.quantizers import ActQuantizer, WeightQuantizer
+from ..record.store import OUTPUT_SUFFIX
+from .folding import IntegerLayer, channel_shape, from_out_major, integerize, out_major
 
 __all__ = [
     "CompressedLayer",
@@ -31,48 +33,14 @@ __all__ = [
     "CompressedConvTranspose2d",
     "CompressedLinear",
     "COMPRESSED_CLASSES",
+    "AccumulatorTap",
     "compress_module",
     "compressed_class_for",
     "iter_compressed",
     "layer_compute",
-    "out_major",
-    "from_out_major",
     "rebase_module",
-    "OUTPUT_SUFFIX",
-    "output_factors",
 ]
 
-
-@contextlib.contextmanager
-def _exact_float32(t: Tensor) -> Iterator[None]:
-    """No autocast and no TF32 around the integer-grid conv (its sums must be exact)."""
-    if t.device.type != "cuda":
-        with torch.autocast(t.device.type, enabled=False):
-            yield
-        return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.autocast("cuda", enabled=False):
-            yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def out_major(module: nn.Module, w: Tensor) -> Tensor:
-    """View a layer's weight as ``[C_out, K]`` (ConvTranspose stores ``[C_in, C_out/groups, ...]``)."""
-    if not isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return w.reshape(w.shape[0], -1)
-    g = module.groups
-    return w.reshape(g, w.shape[0] // g, w.shape[1], -1).transpose(1, 2).reshape(g * w.shape[1], -1)
-
-
-def from_out_major(module: nn.Module, w2d: Tensor, shape: torch.Size) -> Tensor:
-    """Inverse of :func:`out_major`."""
-    if not isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return w2d.reshape(shape)
-    g = module.groups
-    return w2d.reshape(g, shape[1], shape[0] // g, -1).transpose(1, 2).reshape(shape)
 
 
 def layer_compute(module: nn.Module, x: Tensor, w: Tensor, bias: Optional[Tensor],
@@ -90,45 +58,68 @@ def layer_compute(module: nn.Module, x: Tensor, w: Tensor, bias: Optional[Tensor
     return module._conv_forward(x, w, bias)
 
 
+@contextlib.contextmanager
+def _exact(x: Tensor, bits: int) -> Iterator[None]:
+    """No autocast around the integer-grid op; on CUDA also no TF32 for grids wider than 8 bits
+    (TF32 keeps 11 significant bits: INT8/INT4 integers stay exact, INT16 ones would not)."""
+    with torch.autocast(x.device.type, enabled=False):
+        if x.device.type != "cuda" or bits <= 8:
+            yield
+            return
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class AccumulatorTap(nn.Module):
+    """Identity on a quantized layer's int32 accumulator: the point where the record collector's
+    forward hook reads it for searchN (the layer itself keeps no statistics)."""
+
+    def __init__(self, layer_name: str) -> None:
+        super().__init__()
+        self.layer_name = layer_name
+
+    def forward(self, acc: Tensor, channel_dim: int) -> Tensor:
+        return acc
+
+
+def _versions(layer: nn.Module) -> Tuple[Tuple[int, int], ...]:
+    """Version counter and storage of every tensor the integer form depends on: any optimizer
+    step, BatchNorm update, load_state_dict or device move changes it."""
+    out = []
+    for t in list(layer.parameters()) + list(layer.buffers()):
+        try:
+            out.append((t._version, t.data_ptr()))
+        except RuntimeError:  # inference tensors have no version counter: never cache
+            return ()
+    return tuple(out)
+
+
 class CompressedLayer(nn.Module):
     """Mixin with the compression logic shared by every wrapped layer family.
 
-    Submodules (each may be ``None``): ``sparsity`` (2:4 mask), ``act_quant``, ``weight_quant``,
-    ``shift_search``. Plain (unregistered) attributes: the record session and the BatchNorm that
-    export folds into this layer, whose gamma signs keep the folded integers in range.
+    Submodules (each may be ``None``): ``sparsity`` (2:4 mask), ``act_quant`` (input),
+    ``weight_quant``, ``bn`` (the BatchNorm folded into this layer in eval and export),
+    ``out_quant`` (output quantizer, after ``bn``), ``acc_tap``.
     """
 
     layer_name: str
-
-    def out_major(self, w: Tensor) -> Tensor:
-        return out_major(self, w)
-
-    def from_out_major(self, w2d: Tensor, shape: torch.Size) -> Tensor:
-        return from_out_major(self, w2d, shape)
 
     def output_channel_dim(self, y: Tensor) -> int:
         if isinstance(self, nn.Linear):
             return y.dim() - 1
         return 1 if y.dim() == self.weight.dim() else 0  # unbatched conv input
 
-    # -- links (unregistered on purpose: not submodules, not in state_dict) ------------------
-    def attach_session(self, session: Optional[RecordSession]) -> None:
-        object.__setattr__(self, "_session", session)
-
-    def attach_folded_bn(self, bn: Optional[nn.Module]) -> None:
-        object.__setattr__(self, "_folded_bn", bn)
-
     @property
-    def session(self) -> Optional[RecordSession]:
-        return self.__dict__.get("_session")
-
-    @property
-    def folded_bn(self) -> Optional[nn.Module]:
-        return self.__dict__.get("_folded_bn")
+    def quantized(self) -> bool:
+        return self.act_quant is not None
 
     def channel_sign(self) -> Optional[Tensor]:
         """+-1 per output channel: the sign of the folded BatchNorm's gamma (None without one)."""
-        bn = self.folded_bn
+        bn = self.bn
         if bn is None or bn.weight is None:
             return None
         return torch.where(bn.weight.detach() < 0, -1.0, 1.0).to(self.weight.device)
@@ -139,84 +130,56 @@ class CompressedLayer(nn.Module):
         return self.sparsity(w, self.training) if self.sparsity is not None else w
 
     def quantized_weight(self) -> Tensor:
-        """The weight the forward uses: 2:4-masked, then fake-quantized."""
+        """The weight the training forward uses: 2:4-masked, then fake-quantized."""
         w = self.masked_weight()
         if self.weight_quant is None:
             return w
-        w2d = self.weight_quant(self.out_major(w), self.channel_sign())
-        return self.from_out_major(w2d, w.shape)
+        w2d = self.weight_quant(out_major(self, w), self.channel_sign())
+        return from_out_major(self, w2d, w.shape)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.act_quant is not None and not self.training:
             return self._eval_forward(x, *args, **kwargs)
         if self.act_quant is not None:
             x = self.act_quant(x)
-        session = self.session
-        if session is not None:
-            if self.training:
-                session.mark_training()
-            elif self.sparsity is not None:
-                session.sparse_eval(self.layer_name)
         y = layer_compute(self, x, self.quantized_weight(), self.bias, *args, **kwargs)
+        if self.bn is not None:
+            y = self.bn(y)
         return self.out_quant(y) if self.out_quant is not None else y
+
+    def integer_form(self) -> IntegerLayer:
+        """The integer form of this layer now, recomputed only when a tensor it depends on
+        changed (so an eval loop quantizes the weights once, not once per batch)."""
+        key = _versions(self)
+        cached = self.__dict__.get("_integer_cache")
+        if cached is not None and key and cached[0] == key:
+            return cached[1]
+        form = integerize(self)
+        self.__dict__["_integer_cache"] = (key, form)
+        return form
 
     @torch.no_grad()
     def _eval_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """The integer-grid computation the exported models perform (see ``nn.folding``)."""
-        grid = integerize(self)
-        x_int = self.act_quant.to_integer(x)
-        with _exact_float32(x_int):
-            acc = layer_compute(self, x_int, grid.q.to(x_int.device), grid.bias_int, *args, **kwargs)
+        self.act_quant.warn_if_provisional()
+        form = self.integer_form()
+        x_int = form.act.index(x)
+        with _exact(x_int, form.act.bits):
+            acc = layer_compute(self, x_int, form.q.to(x_int.device), form.bias_int, *args, **kwargs)
         channel_dim = self.output_channel_dim(acc)
-        y = acc / channel_shape(grid.divisor.to(acc.device), acc.dim(), channel_dim)
+        acc = self.acc_tap(acc, channel_dim)
+        y = acc / channel_shape(form.divisor.to(acc.device), acc.dim(), channel_dim)
         if self.out_quant is not None:
             y = self.out_quant(y)
-        session = self.session
-        if session is not None and session.wants_report(self.layer_name):
-            if self.__dict__.get("_phase") != session.phase:
-                object.__setattr__(self, "_phase", session.phase)
-                self.shift_search.reset()
-            self.shift_search.observe(acc, channel_dim)
-            out = self.output_quantizer()
-            if out is not None:
-                session.set_quant(self.layer_name + OUTPUT_SUFFIX, output_factors(out))
-            session.report(self.layer_name, self.quant_factors())
         return y.to(x.dtype)
 
-    def output_quantizer(self) -> Optional[ActQuantizer]:
-        """The quantizer of this layer's output (its own, or its folded BatchNorm's), if any."""
-        if self.out_quant is not None:
-            return self.out_quant
-        bn = self.folded_bn
-        return getattr(bn, "out_quant", None) if bn is not None else None
-
-    # -- factors ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def weight_scale(self) -> Tensor:
-        return self.weight_quant.current_scale(self.out_major(self.masked_weight()), self.channel_sign())
-
-    @torch.no_grad()
-    def quant_factors(self) -> QuantFactors:
-        """This layer's factors as the record stores them (shift_bit from searchN so far)."""
-        scale_d, offset_d = self.act_quant.scale_offset()
-        scale_w = self.weight_scale().cpu().tolist()
-        return QuantFactors(scale_d=scale_d, offset_d=offset_d, scale_w=tuple(scale_w),
-                            offset_w=tuple(0 for _ in scale_w), shift_bit=self.shift_search.best(),
-                            act_type=f"INT{self.act_quant.bits}", wts_type=f"INT{self.weight_quant.bits}",
-                            fp16_scale=self.act_quant.fp16_scale)
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_integer_cache", None)  # derived data: never pickled or deep-copied
+        return state
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", layer_name={self.layer_name!r}"
-
-
-OUTPUT_SUFFIX = ":output"  # record key of a layer's output quantization
-
-
-def output_factors(q: ActQuantizer) -> QuantFactors:
-    """Record entry of an output quantizer: activation factors only."""
-    scale, offset = q.scale_offset()
-    return QuantFactors(scale_d=scale, offset_d=offset, scale_w=(), offset_w=(), act_type=f"INT{q.bits}",
-                        wts_type=f"INT{q.bits}", fp16_scale=q.fp16_scale)
 
 
 class CompressedConv1d(CompressedLayer, nn.Conv1d):
@@ -271,16 +234,23 @@ def rebase_module(module: nn.Module, cls: type) -> nn.Module:
     The bookkeeping dicts are copied (not shared), the tensors are not.
     """
     new = cls.__new__(cls)
-    new.__dict__.update({k: (copy.copy(v) if isinstance(v, (dict, set)) else v)
+    new.__dict__.update({k: (type(v)(v) if isinstance(v, (dict, set)) else v)
                          for k, v in module.__dict__.items()})
     return new
 
 
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
 def compress_module(module: nn.Module, plan: LayerPlan, batch_num: int,
-                    sparsity: Optional[nn.Module] = None) -> CompressedLayer:
+                    sparsity: Optional[nn.Module] = None, bn: Optional[nn.Module] = None,
+                    out_quant: bool = False) -> CompressedLayer:
     """Build the compressed twin of ``module`` around the same Parameters and buffers.
 
-    No weights are copied or re-initialised; hooks and attributes carry over.
+    No weights are copied or re-initialised; hooks and attributes carry over. ``bn`` becomes
+    the layer's folded BatchNorm; ``out_quant`` adds a ULQ quantizer on the layer's output
+    (after ``bn``), recorded as ``<layer>:output``.
     """
     cls = compressed_class_for(module)
     if cls is None:
@@ -288,16 +258,16 @@ def compress_module(module: nn.Module, plan: LayerPlan, batch_num: int,
     new = rebase_module(module, cls)
     new.layer_name = plan.name
     new.add_module("sparsity", sparsity)
-    new.add_module("out_quant", None)
-    if plan.quantized:
-        out_channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-        new.add_module("act_quant", ActQuantizer(plan.act, batch_num, plan.name))
-        new.add_module("weight_quant", WeightQuantizer(plan.weight, out_channels))
-        new.add_module("shift_search", ShiftBitSearch(out_channels if plan.weight.channel_wise else 1))
-    else:
-        new.add_module("act_quant", None)
-        new.add_module("weight_quant", None)
-        new.add_module("shift_search", None)
+    quantized = plan.quantized
+    new.add_module("act_quant", ActQuantizer(plan.act, batch_num, plan.name) if quantized else None)
+    new.add_module("weight_quant", WeightQuantizer(plan.weight, _out_channels(module)) if quantized else None)
+    new.add_module("bn", bn if quantized else None)
+    out = None
+    if quantized and out_quant:
+        spec = ActQuantSpec(bits=plan.act.bits, fixed_min=False, fp16_scale=plan.act.fp16_scale)
+        out = ActQuantizer(spec, batch_num, plan.name + OUTPUT_SUFFIX)
+    new.add_module("out_quant", out)
+    new.add_module("acc_tap", AccumulatorTap(plan.name) if quantized else None)
     return new
 
 

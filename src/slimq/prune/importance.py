@@ -30,7 +30,7 @@ def group_scores(per_producer: Sequence[Tensor]) -> Tensor:
 def kept_count(channels: int, ratio: float, ascend_optimized: bool, parts: int = 1) -> int:
     """``C - round(C * ratio)``, rounded up to a multiple of 16 (ascend_optimized) and of the
     number of equal parts (grouped convs, chunks), at least one per part, at most ``C``."""
-    keep = channels - math.floor(channels * ratio + 0.5)
+    keep = max(1, channels - math.floor(channels * ratio + 0.5))
     multiple = parts * 16 // math.gcd(parts, 16) if ascend_optimized else parts
     keep = math.ceil(keep / multiple) * multiple
     return min(channels, max(keep, parts))

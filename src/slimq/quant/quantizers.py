@@ -2,9 +2,14 @@
 
 All state that must survive ``state_dict``, DDP and restore is a Parameter or a buffer and gets
 its final shape in ``__init__``; ``initialized`` flags are uint8 buffers (NCCL has no bool).
+
+Only training forwards change a quantizer. An eval forward reads the clips as they are: before
+training has initialised them, they hold the provisional range that create computed from
+``input_data`` (:meth:`ActQuantizer.calibrate_`), so an early evaluation is the same every time.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import List, Optional, Tuple
 
@@ -15,9 +20,11 @@ from torch import Tensor, nn
 from ..config.plan import ActQuantSpec, WeightQuantSpec
 from ..errors import NumericalError
 from . import functional as Fq
+from .grid import Grid
 
-__all__ = ["ActQuantizer", "WeightQuantizer", "ShiftBitSearch"]
+__all__ = ["ActQuantizer", "WeightQuantizer", "ShiftBitSearch", "MAX_INIT_SAMPLES"]
 
+log = logging.getLogger("slimq")
 MAX_INIT_SAMPLES = 1 << 16  # per batch, taken with a fixed stride (deterministic)
 
 
@@ -25,16 +32,30 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class ActQuantizer(nn.Module):
-    """ULQ fake-quant of a layer's input with learnable ``clip_max`` / ``clip_min``.
+def _samples(x: Tensor) -> Tensor:
+    flat = x.detach().reshape(-1)
+    if flat.numel() > MAX_INIT_SAMPLES:
+        flat = flat[:: math.ceil(flat.numel() / MAX_INIT_SAMPLES)]
+    return flat.float()
 
-    Without configured clips, the first ``batch_num`` forwards (train or eval) initialise them:
+
+class ActQuantizer(nn.Module):
+    """ULQ fake-quant of an activation with learnable ``clip_max`` / ``clip_min``.
+
+    Without configured clips, the first ``batch_num`` *training* forwards initialise them:
     samples of every batch are kept, and on the last of them an IFMR-style search picks the pair
     ``(f*P_hi, f*P_lo)``, f in 0.70..1.30, that minimises the quantization MSE over all samples,
     where P_hi/P_lo are their 99.9999th/0.0001th percentiles (earlier batches use the
-    percentiles as they stand). Under DDP the percentiles and errors are reduced across ranks, so every rank gets the
-    same clips. Once ``initialized`` is 1 (also when loaded from a checkpoint) nothing
-    re-initialises.
+    percentiles as they stand). Under DDP the percentiles and errors are reduced across ranks, so
+    every rank gets the same clips. Once ``initialized`` is 1 (also when loaded from a
+    checkpoint) nothing re-initialises.
+
+    Eval forwards never change anything: they quantize on the current clips (see the module
+    docstring for what those are before training).
+
+    Buffers: ``initialized`` (uint8), ``init_batches`` (int64) and the non-persistent
+    ``nonfinite`` (uint8), which the backward sets when NaN/Inf reached this quantizer (checked
+    without a device sync, at the next eval or save).
 
     Shapes: input any shape; ``clip_max``/``clip_min`` are ``[1]``.
     """
@@ -54,12 +75,14 @@ class ActQuantizer(nn.Module):
                                      requires_grad=not self.fixed_min)
         self.register_buffer("initialized", torch.tensor([1 if given else 0], dtype=torch.uint8))
         self.register_buffer("init_batches", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("nonfinite", torch.zeros(1, dtype=torch.uint8), persistent=False)
         self._samples: List[Tensor] = []
-        self._ready = given  # Python mirror of `initialized`: no device sync per forward
+        self._ready: Optional[bool] = given  # Python mirror of `initialized` (None: read it once)
+        self._warned = False
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._ready = False  # re-read the loaded flag at the next forward
+        self._ready = None
 
     def extra_repr(self) -> str:
         s = f"bits={self.bits}, fixed_min={self.fixed_min}"
@@ -67,62 +90,90 @@ class ActQuantizer(nn.Module):
             s += ", fp16_scale=True"
         return s
 
-    def _prepare(self, x: Tensor) -> None:
-        if not self._ready:
+    @property
+    def is_initialized(self) -> bool:
+        """Whether training (or the config, or a checkpoint) has set the clips (syncs once)."""
+        if self._ready is None:
             self._ready = bool(self.initialized.item())
-            if not self._ready:
-                self._init_step(x)
-        elif not self.training and not bool(torch.isfinite(x).all()):
-            raise NumericalError(f"NaN or Inf in the input activations of quantized layer "
-                                 f"'{self.layer_name}' (eval forward); check the model and data")
+        return self._ready
+
+    @torch.no_grad()
+    def grid(self) -> Grid:
+        """The integer grid of the current clips."""
+        return Grid.from_clips(self.clip_max, self.clip_min, self.bits, self.fp16_scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Fake-quantized ``x`` (float, on the grid), differentiable in ``x`` and the clips."""
-        self._prepare(x)
+        """Training: fake-quantized ``x``, differentiable in ``x`` and the clips. Eval: ``x`` on
+        the current grid, no gradient, no state change."""
+        if not self.training:
+            return self.eval_quant(x)
+        if not self._ready and not self.is_initialized:
+            self._init_step(x)
         return Fq.ulq_fake_quant(x, self.clip_max, self.clip_min, self.bits, self.fixed_min,
                                  self.fp16_scale, self.layer_name)
 
     @torch.no_grad()
-    def to_integer(self, x: Tensor) -> Tensor:
-        """``clamp(round(x / scale_d), qmin - offset_d, qmax - offset_d)`` as float32: the grid
-        index of ``x`` relative to the zero point (eval path, no gradient)."""
-        self._prepare(x)
-        scale, offset = Fq.ulq_scale_offset(self.clip_max.reshape(()), self.clip_min.reshape(()),
-                                            self.bits, self.fp16_scale)
-        qmin, qmax = Fq.qrange(self.bits)
-        return torch.div(x.float(), scale).round_().clamp_(qmin - offset, qmax - offset)
+    def eval_quant(self, x: Tensor) -> Tensor:
+        self.warn_if_provisional()
+        return self.grid().fake_quant(x).to(x.dtype)
+
+    def warn_if_provisional(self) -> None:
+        if not self._warned and not self.is_initialized:
+            self._warned = True
+            log.warning("slimq: quantizer '%s' has not been initialised by training yet; eval uses "
+                        "the range computed at create from input_data", self.layer_name)
+
+    # -- initialisation ------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate_(self, x: Tensor) -> None:
+        """Provisional clips from one batch (create's ``input_data``), for evals before training.
+
+        ``initialized`` stays 0: the first ``batch_num`` training batches still initialise.
+        """
+        if self.is_initialized:
+            return
+        samples = _samples(x)
+        if not bool(torch.isfinite(samples).all()):
+            raise NumericalError(f"NaN or Inf in the input activations of quantized layer "
+                                 f"'{self.layer_name}' on input_data")
+        hi, lo = self._percentiles(samples, collective=False)
+        cmax, cmin = self._search(samples, hi, lo, collective=False)
+        self.clip_max.fill_(cmax)
+        self.clip_min.fill_(cmin)
 
     @torch.no_grad()
     def _init_step(self, x: Tensor) -> None:
-        flat = x.detach().reshape(-1)
-        if flat.numel() > MAX_INIT_SAMPLES:
-            flat = flat[:: math.ceil(flat.numel() / MAX_INIT_SAMPLES)]
-        flat = flat.float()
+        flat = _samples(x)
         if not bool(torch.isfinite(flat).all()):
             raise NumericalError(f"NaN or Inf in the input activations of quantized layer "
                                  f"'{self.layer_name}' while initialising its clip range")
         self._samples.append(flat)
         samples = torch.cat(self._samples)
-        hi, lo = self._percentiles(samples)
+        collective = _distributed()
+        hi, lo = self._percentiles(samples, collective)
         self.init_batches += 1
         if int(self.init_batches) < self.batch_num:  # until the last init batch: the percentiles
             self.clip_max.fill_(float(hi))
             self.clip_min.fill_(float(lo))
             return
-        cand_max, cand_min = Fq.ifmr_candidates(hi, lo)
-        sse = Fq.quant_sse(samples, cand_max, cand_min, self.bits)
-        count = torch.tensor([float(samples.numel())], dtype=torch.float64, device=sse.device)
-        if self._collective():
-            dist.all_reduce(sse)
-            dist.all_reduce(count)
-        best = int(torch.argmin(sse / count))
-        self.clip_max.fill_(float(cand_max[best]))
-        self.clip_min.fill_(float(cand_min[best]))
+        cmax, cmin = self._search(samples, hi, lo, collective)
+        self.clip_max.fill_(cmax)
+        self.clip_min.fill_(cmin)
         self.initialized.fill_(1)
         self._samples = []
         self._ready = True
 
-    def _percentiles(self, samples: Tensor) -> Tuple[Tensor, Tensor]:
+    def _search(self, samples: Tensor, hi: Tensor, lo: Tensor, collective: bool) -> Tuple[float, float]:
+        cand_max, cand_min = Fq.ifmr_candidates(hi, lo)
+        sse = Fq.quant_sse(samples, cand_max, cand_min, self.bits)
+        count = torch.tensor([float(samples.numel())], dtype=torch.float64, device=sse.device)
+        if collective:
+            dist.all_reduce(sse)
+            dist.all_reduce(count)
+        best = int(torch.argmin(sse / count))
+        return float(cand_max[best]), float(cand_min[best])
+
+    def _percentiles(self, samples: Tensor, collective: bool) -> Tuple[Tensor, Tensor]:
         k = samples.numel()
         hi_k = min(k, max(1, math.ceil(Fq.IFMR_PERCENTILE * k)))
         hi = torch.kthvalue(samples.cpu(), hi_k).values.clamp(min=0.0).to(samples.device)
@@ -131,7 +182,7 @@ class ActQuantizer(nn.Module):
         else:
             lo_k = max(1, min(k, math.floor((1 - Fq.IFMR_PERCENTILE) * k) + 1))
             lo = torch.kthvalue(samples.cpu(), lo_k).values.clamp(max=0.0).to(samples.device)
-        if self._collective():
+        if collective:
             hi_lo = torch.stack([hi, -lo]).reshape(2)
             dist.all_reduce(hi_lo, op=dist.ReduceOp.MAX)
             hi, lo = hi_lo[0], -hi_lo[1]
@@ -139,16 +190,9 @@ class ActQuantizer(nn.Module):
             hi = torch.ones((), device=samples.device)
         return hi, lo
 
-    def _collective(self) -> bool:
-        """Reduce across ranks only in training forwards: all DDP ranks run those in lockstep,
-        while an eval forward (e.g. inside save on rank 0) may run on one rank alone."""
-        return self.training and _distributed()
-
     def scale_offset(self) -> Tuple[float, int]:
         """Current ``(scale_d, offset_d)`` as the record stores them."""
-        s, o = Fq.ulq_scale_offset(self.clip_max.reshape(()), self.clip_min.reshape(()), self.bits,
-                                   self.fp16_scale)
-        return float(s), int(o)
+        return self.grid().as_record()
 
 
 class WeightQuantizer(nn.Module):
@@ -156,7 +200,8 @@ class WeightQuantizer(nn.Module):
 
     ``arq``: scale recomputed from max|w| every call, straight-through gradient.
     ``ulq``: ``scale`` is a Parameter (``[C_out]`` or ``[1]``) initialised from ARQ at the first
-    call; LSQ gradients with the usual 1/sqrt(numel * qmax) gradient scaling.
+    training call; LSQ gradients with the usual 1/sqrt(numel * qmax) gradient scaling. Before
+    that, eval uses the ARQ scale (nothing changes in eval).
     """
 
     def __init__(self, spec: WeightQuantSpec, out_channels: int) -> None:
@@ -170,24 +215,31 @@ class WeightQuantizer(nn.Module):
             self.register_buffer("initialized", torch.zeros(1, dtype=torch.uint8))
         else:
             self.register_parameter("scale", None)
-        self._ready = spec.algo == "arq"
+        self._ready: Optional[bool] = True if spec.algo == "arq" else None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._ready = self.algo == "arq"
+        self._ready = True if self.algo == "arq" else None
 
     def extra_repr(self) -> str:
         return f"algo={self.algo}, bits={self.bits}, channel_wise={self.channel_wise}"
+
+    def _learned(self) -> bool:
+        if self._ready is None:
+            self._ready = bool(self.initialized.item())
+        return self._ready
 
     def forward(self, w2d: Tensor, sign: Optional[Tensor] = None) -> Tensor:
         if self.algo == "arq":
             scale = Fq.arq_scale(w2d, self.bits, self.channel_wise, sign)
             return Fq.fake_quant_weight(w2d, scale.to(w2d.dtype), self.bits, sign)
-        if not self._ready:
-            if not self.initialized.item():
-                with torch.no_grad():
-                    self.scale.copy_(Fq.arq_scale(w2d, self.bits, self.channel_wise, sign))
-                    self.initialized.fill_(1)
+        if not self._learned():
+            if not self.training:
+                scale = Fq.arq_scale(w2d, self.bits, self.channel_wise, sign)
+                return Fq.fake_quant_weight(w2d, scale.to(w2d.dtype), self.bits, sign)
+            with torch.no_grad():
+                self.scale.copy_(Fq.arq_scale(w2d, self.bits, self.channel_wise, sign))
+                self.initialized.fill_(1)
             self._ready = True
         per = w2d.shape[1] if self.channel_wise else w2d.numel()
         factor = 1.0 / math.sqrt(per * ((1 << (self.bits - 1)) - 1))
@@ -196,23 +248,20 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def current_scale(self, w2d: Tensor, sign: Optional[Tensor] = None) -> Tensor:
         """The scale the forward uses now, float32 ``[C_out]`` or ``[1]``."""
-        if self.algo == "arq":
-            return Fq.arq_scale(w2d, self.bits, self.channel_wise, sign)
-        if not self.initialized.item():
+        if self.algo == "arq" or not self._learned():
             return Fq.arq_scale(w2d, self.bits, self.channel_wise, sign)
         return self.scale.detach().float().abs().clamp(min=Fq.FLT_EPS)
 
 
-class ShiftBitSearch(nn.Module):
-    """searchN: accumulates, over eval batches, the int16 mapping error of each shift 1..16.
+class ShiftBitSearch:
+    """searchN statistics: accumulates, over eval batches, the int16 mapping error of each
+    shift 1..16 (``errors``: ``[C, 16]``, ``C`` = 1 when not channel-wise).
 
-    ``errors`` (``[C, 16]``, ``C`` = 1 when not channel-wise) is transient statistics of this
-    process's own eval data: a plain tensor, not a buffer, so it is neither in the state_dict nor
-    broadcast by DDP. It restarts at every train->eval switch.
+    Transient statistics of this process's own eval data, owned by the record collector: not a
+    module, not in the state_dict, never broadcast.
     """
 
     def __init__(self, channels: int) -> None:
-        super().__init__()
         self.channels = channels
         self.errors: Optional[Tensor] = None
         self.batches = 0

@@ -14,11 +14,12 @@ import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
-from .._io import atomic_write_text, check_writable_dir
+from .._io import atomic_write_text, check_writable_dir, read_text_file
 from .._proto import load_proto
 from ..errors import RecordError
 
 __all__ = [
+    "OUTPUT_SUFFIX",
     "RecordMessages",
     "QuantFactors",
     "PruneNodeInfo",
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 RecordMessages = load_proto("slimq.record", "scale_offset_record.proto")
+OUTPUT_SUFFIX = ":output"  # record key of a layer's output quantizer: "<layer>:output"
 _Attr = RecordMessages["AttrProto"]
 
 
@@ -130,6 +132,17 @@ def _set_attr(node, name: str, value: Union[int, str, Sequence[int]]) -> None:
 
 
 # --------------------------------------------------------------------------- record
+
+
+def _not_a_record(text: str) -> str:
+    """Why text does not parse as a record: a simple config file, or a corrupt record."""
+    from ..config.load import ConfigMessages  # only for this message
+
+    try:
+        text_format.Merge(text, ConfigMessages["AMCTRetrainConfig"]())
+        return "this is a simple config file, not a record file"
+    except Exception:  # noqa: BLE001 - any failure means it is not a config either
+        return "record file is corrupt or not a ScaleOffsetRecord"
 
 
 class Record:
@@ -240,8 +253,8 @@ class Record:
         try:
             text_format.Parse(text, msg)
         except text_format.ParseError as exc:
-            raise RecordError(f"{path}: record file is corrupt or not a ScaleOffsetRecord ({exc}); "
-                              "delete it and run create_compressed_retrain_model again") from None
+            raise RecordError(f"{path}: {_not_a_record(text)} ({exc}); restore needs the record file that "
+                              "create_compressed_retrain_model wrote for this model") from None
         except (DecodeError, ValueError, UnicodeError, OverflowError, RecursionError) as exc:
             raise RecordError(f"{path}: record file cannot be parsed ({exc})") from None
         missing = msg.FindInitializationErrors()
@@ -260,16 +273,8 @@ def read_record(path: Union[str, "os.PathLike[str]"]) -> Record:
         RecordError: missing, unreadable, not UTF-8, or not a valid ``ScaleOffsetRecord``.
     """
     p = os.fspath(path)
-    if not os.path.isfile(p):
-        raise RecordError(f"record file '{p}' does not exist; pass the record_file that "
-                          "create_compressed_retrain_model wrote")
-    try:
-        with open(p, "rb") as f:
-            text = f.read().decode("utf-8")
-    except UnicodeDecodeError:
-        raise RecordError(f"{p}: record file is not UTF-8 text (corrupt?)") from None
-    except OSError as exc:
-        raise RecordError(f"record file '{p}' cannot be read: {exc.strerror}") from exc
+    text = read_text_file(p, "record file", RecordError,
+                          "pass the record_file that create_compressed_retrain_model wrote")
     return Record.from_text(text, p)
 
 

@@ -1,0 +1,115 @@
+"""After torch.onnx.export: what an exported file needs before it is checked and kept.
+
+* The producer is slimq.
+* Models with INT4/INT16 grids move to opset 21, the first whose QuantizeLinear and
+  DequantizeLinear take 4- and 16-bit integers (the TorchScript exporter stops at opset 20, so
+  the file is exported at 17 and converted with ``onnx.version_converter``); INT4 weights become
+  packed ``int4`` initializers.
+* Models of 2 GB and more keep all tensors in ``<file>.data`` (ONNX external data).
+* ``onnx.checker`` with ``full_check`` (shape inference included) must pass.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import ExportError
+from .qdq import WIDE_DOMAIN
+
+__all__ = ["finish", "count_integer_weights"]
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__
+
+
+def _pack_int4(model: onnx.ModelProto, names: Mapping[str, Optional[str]]) -> None:
+    """Turn the int8 initializers ``names`` (values in [-8, 7]) and their zero points into INT4."""
+    wanted = set(names) | {z for z in names.values() if z}
+    for i, t in enumerate(model.graph.initializer):
+        if t.name not in wanted:
+            continue
+        values = numpy_helper.to_array(t).astype(np.int64)
+        if values.size and (values.min() < -8 or values.max() > 7):
+            raise ExportError(f"INT4 weight initializer '{t.name}' holds values outside [-8, 7]")
+        model.graph.initializer[i].CopyFrom(onnx.helper.make_tensor(
+            t.name, onnx.TensorProto.INT4, list(t.dims), values.reshape(-1).tolist()))
+
+
+def _strip_prefix(model: onnx.ModelProto, prefix: str) -> None:
+    """Initializer names as the model's own state_dict names (the export wrapper adds ``prefix``)."""
+    renames = {t.name: t.name[len(prefix):] for t in model.graph.initializer if t.name.startswith(prefix)}
+    taken = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+    renames = {old: new for old, new in renames.items() if new not in taken}
+    for t in model.graph.initializer:
+        t.name = renames.get(t.name, t.name)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+
+
+def _expand_wide(model: onnx.ModelProto) -> None:
+    """Replace the 16-bit Q/DQ placeholders (see ``export.qdq``) by standard opset-21 nodes."""
+    nodes = []
+    for i, node in enumerate(model.graph.node):
+        if node.domain != WIDE_DOMAIN:
+            nodes.append(node)
+            continue
+        x, scale, zp = node.input
+        tag = f"{node.name or 'qdq16'}_{i}"
+        nodes += [onnx.helper.make_node("Cast", [zp], [f"{tag}_zp"], to=onnx.TensorProto.UINT16),
+                  onnx.helper.make_node("QuantizeLinear", [x, scale, f"{tag}_zp"], [f"{tag}_q"]),
+                  onnx.helper.make_node("DequantizeLinear", [f"{tag}_q", scale, f"{tag}_zp"], list(node.output))]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    keep = [o for o in model.opset_import if o.domain != WIDE_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def finish(path: Path, opset: Optional[int] = None, int4: Mapping[str, Optional[str]] = (),
+           external: bool = False, prefix: str = "") -> None:
+    """Post-process the exported file at ``path`` in place, then check it.
+
+    Raises:
+        ExportError: the opset conversion or the ONNX checker failed.
+    """
+    model = onnx.load(str(path), load_external_data=True)
+    model.producer_name, model.producer_version = "slimq", _version()
+    if prefix:
+        _strip_prefix(model, prefix)
+    if opset is not None:
+        try:
+            model = onnx.version_converter.convert_version(model, opset)
+        except Exception as exc:
+            raise ExportError(f"converting the exported model to ONNX opset {opset} (needed for INT4/INT16 "
+                              f"storage) failed: {exc}") from exc
+    _expand_wide(model)
+    if int4:
+        _pack_int4(model, dict(int4))
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"the exported model fails the ONNX checker: {exc}") from exc
+
+
+def count_integer_weights(path: Path) -> int:
+    """Integer initializers that feed a DequantizeLinear as its data input (weights and biases)."""
+    model = onnx.load(str(path), load_external_data=False)
+    ints = {t.name for t in model.graph.initializer if t.data_type in (
+        onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.INT16)}
+    return sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in ints)
