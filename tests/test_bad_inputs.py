@@ -97,6 +97,109 @@ def _other_model_record(env):
     return restore(env, record=rec, config=cfg)
 
 
+class _Evil:
+    """Unpickling this runs code: slimq must never do it on its own initiative."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _pickled_object_ckpt(env):
+    marker = env.tmp / "code_ran.txt"
+    p = env.tmp / "obj.pth"
+    torch.save({"state_dict": env.base.model.state_dict(), "extra": _Evil(str(marker))}, p)
+    env.before = env.snapshot()
+    try:
+        return restore(env, pth=str(p))
+    finally:
+        assert not marker.exists(), "the checkpoint's code ran"
+
+
+def _not_a_torch_file(env):
+    p = env.tmp / "junk.pth"
+    p.write_bytes(b"this is not a checkpoint\n" * 10)
+    env.before = env.snapshot()
+    return restore(env, pth=str(p))
+
+
+def _other_model_ckpt(env):
+    class Other(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 8, 3, padding=1)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.head(self.conv(x).mean((2, 3)))
+
+    other = slimq.create_compressed_retrain_model(Other(), X, str(env.base.cfg), str(env.tmp / "other.txt"))
+    p = env.tmp / "other.pth"
+    torch.save({"state_dict": other.state_dict()}, p)
+    env.before = env.snapshot()
+    return restore(env, pth=str(p))
+
+
+def _prune_env(env, ratio=0.5):
+    """A pruned model's config, record and checkpoint (setup, not the bad input)."""
+    cfg = _write(env, "prune.cfg", QUANT_CFG + PRUNE % ratio)
+    rec = str(env.tmp / "prune_record.txt")
+    model = slimq.create_compressed_retrain_model(MixedNet(), X, cfg, rec)
+    torch.save({"state_dict": model.state_dict()}, env.tmp / "prune.pth")
+    return cfg, rec, str(env.tmp / "prune.pth")
+
+
+def _record_other_ratio(env):
+    cfg, rec, pth = _prune_env(env, 0.5)
+    other = _write(env, "prune_low.cfg", QUANT_CFG + PRUNE % 0.25)
+    env.before = env.snapshot()
+    return restore(env, record=rec, pth=pth, config=other)
+
+
+def _record_overwritten(env):
+    cfg, rec, pth = _prune_env(env, 0.5)
+    other = _write(env, "prune_low.cfg", QUANT_CFG + PRUNE % 0.25)
+    slimq.create_compressed_retrain_model(MixedNet(), X, other, rec)  # another run writes the same record
+    env.before = env.snapshot()
+    return restore(env, record=rec, pth=pth, config=cfg)
+
+
+def _empty_record_with_pruning(env):
+    cfg, rec, pth = _prune_env(env)
+    Path(rec).write_text("")
+    env.before = env.snapshot()
+    return restore(env, record=rec, pth=pth, config=cfg)
+
+
+def _quant_record_with_prune_config(env):
+    cfg, _, pth = _prune_env(env)
+    env.before = env.snapshot()
+    return restore(env, record=str(env.record), pth=pth, config=cfg)
+
+
+def _prune_record_with_quant_config(env):
+    _, rec, pth = _prune_env(env)
+    env.before = env.snapshot()
+    return restore(env, record=rec, pth=pth)
+
+
+def _scripted_model(env):
+    return create(env, model=torch.jit.script(MixedNet()))
+
+
+class _Depthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.dw(torch.relu(self.conv(x))).mean((2, 3)))
+
+
 def _read_only_save(env):
     if os.geteuid() == 0:  # root writes through permissions: use a folder no one can write in
         return save(env, save_path="/sys/slimq_model")
@@ -137,6 +240,18 @@ CASES = [
     ("save_path folder read-only", None, lambda env, _: _read_only_save(env), ExportError, "not writable"),
     ("record_file folder missing", None, lambda env, _: create(env, record=str(env.tmp / "no" / "r.txt")), RecordError, "does not exist"),
     ("config is a folder", None, lambda env, _: create(env, str(env.tmp)), ConfigError, "is a folder"),
+    ("pth_file holds Python objects", None, lambda env, _: _pickled_object_ckpt(env), CheckpointError, "weights_only=True.*re-save"),
+    ("pth_file not a torch file", None, lambda env, _: _not_a_torch_file(env), CheckpointError, "junk.pth.*not a checkpoint|cannot be read"),
+    ("pth_file of another model", None, lambda env, _: _other_model_ckpt(env), CheckpointError, "other.pth.*does not match"),
+    ("record made with another prune ratio", None, lambda env, _: _record_other_ratio(env), RecordError, "prune_record.txt.*prune_low.cfg.*keeps"),
+    ("record overwritten by another run", None, lambda env, _: _record_overwritten(env), RecordError, "prune_record.txt.*prune.cfg.*keeps"),
+    ("empty record, pruning config", None, lambda env, _: _empty_record_with_pruning(env), RecordError, "holds no channel pruning"),
+    ("quant-only record, pruning config", None, lambda env, _: _quant_record_with_prune_config(env), RecordError, "holds no channel pruning"),
+    ("pruning record, quant-only config", None, lambda env, _: _prune_record_with_quant_config(env), RecordError, "configures no channel pruning"),
+    ("input_data empty", None, lambda env, _: create(env, inputs=()), ModelError, "empty tuple"),
+    ("TorchScript model", None, lambda env, _: _scripted_model(env), ModelError, "TorchScript"),
+    ("2:4 by name on a depthwise conv", cfg_text(QUANT_CFG + 'override_layer_configs { layer_name: "dw" prune_config { n_out_of_m_pruner { l1_selective_prune {} } } }\n'),
+     lambda env, c: create(env, c, model=_Depthwise()), ConfigError, r"case\.cfg:\d+.*'dw'.*depthwise"),
     ("NaN activations in training", None, lambda env, _: _nan_training(env), NumericalError, "NaN or Inf reached quantized layer '\\w+'.*input activations"),
 ]
 
@@ -178,7 +293,3 @@ def test_bad_input(tmp_path, base, title, make_cfg, call, error, pattern):
     if title == "record file corrupt":  # the case wrote the corrupt file itself
         env.before["record.txt"] = after["record.txt"]
     assert after == env.before, f"files changed: {set(after.items()) ^ set(env.before.items())}"
-
-
-def test_the_table_is_large_enough():
-    assert len(CASES) >= 25

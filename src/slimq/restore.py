@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -52,8 +51,8 @@ def load_checkpoint(pth_file, state_dict_name: Optional[str]) -> Dict[str, torch
                 "(or torch.save(model.state_dict(), path) in your training script)") from None
         raise CheckpointError(f"pth_file '{path}' is not a checkpoint written by torch.save "
                               f"({exc})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"pth_file '{path}' cannot be read as a torch checkpoint "
+    except Exception as exc:  # a damaged or foreign file fails anywhere inside torch.load
+        raise CheckpointError(f"pth_file '{path}' is not a checkpoint written by torch.save "
                               f"({type(exc).__name__}: {exc})") from None
     if state_dict_name is not None:
         if not isinstance(obj, dict) or state_dict_name not in obj:

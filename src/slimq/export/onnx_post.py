@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import onnx
@@ -28,17 +28,54 @@ def _version() -> str:
     return __version__
 
 
-def _pack_int4(model: onnx.ModelProto, names: Mapping[str, Optional[str]]) -> None:
-    """Turn the int8 initializers ``names`` (values in [-8, 7]) and their zero points into INT4."""
-    wanted = set(names) | {z for z in names.values() if z}
+def _pack_int4(model: onnx.ModelProto, weights: Sequence[str]) -> None:
+    """Turn the int8 initializers ``weights`` (values in [-8, 7]) and the zero points that the
+    DequantizeLinear nodes reading them use into INT4 initializers."""
+    inits = {t.name: t for t in model.graph.initializer}
+    wanted = set(weights)
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in wanted and len(node.input) > 2:
+            zp = node.input[2]
+            if zp in inits and inits[zp].data_type != onnx.TensorProto.INT4:
+                own = f"{node.input[0]}_zero_point"  # exporters share identical constants: give it its own
+                model.graph.initializer.append(_to_int4(inits[zp], own))
+                node.input[2] = own
     for i, t in enumerate(model.graph.initializer):
-        if t.name not in wanted:
-            continue
-        values = numpy_helper.to_array(t).astype(np.int64)
-        if values.size and (values.min() < -8 or values.max() > 7):
-            raise ExportError(f"INT4 weight initializer '{t.name}' holds values outside [-8, 7]")
-        model.graph.initializer[i].CopyFrom(onnx.helper.make_tensor(
-            t.name, onnx.TensorProto.INT4, list(t.dims), values.reshape(-1).tolist()))
+        if t.name in wanted:
+            model.graph.initializer[i].CopyFrom(_to_int4(t, t.name))
+
+
+def _to_int4(t: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    values = numpy_helper.to_array(t).astype(np.int64)
+    if values.size and (values.min() < -8 or values.max() > 7):
+        raise ExportError(f"INT4 weight initializer '{t.name}' holds values outside [-8, 7]")
+    try:  # packed raw bytes, two values per byte
+        import ml_dtypes
+
+        packed = numpy_helper.from_array(values.astype(np.int8).astype(ml_dtypes.int4), name)
+        if packed.data_type == onnx.TensorProto.INT4:
+            return packed
+    except (ImportError, TypeError, ValueError):
+        pass
+    return onnx.helper.make_tensor(name, onnx.TensorProto.INT4, list(t.dims), values.reshape(-1).tolist())
+
+
+def _own_initializers(model: onnx.ModelProto) -> None:
+    """Undo the exporter's sharing of identical constants (``b.w_zero = Identity(a.w_zero)``): each
+    name gets its own initializer again, so per-layer storage types can be set independently."""
+    inits = {t.name: t for t in model.graph.initializer}
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in inits:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            model.graph.initializer.append(copy)
+            inits[copy.name] = copy
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
 
 
 def _strip_prefix(model: onnx.ModelProto, prefix: str) -> None:
@@ -73,7 +110,7 @@ def _expand_wide(model: onnx.ModelProto) -> None:
     model.opset_import.extend(keep)
 
 
-def finish(path: Path, opset: Optional[int] = None, int4: Mapping[str, Optional[str]] = (),
+def finish(path: Path, opset: Optional[int] = None, int4: Sequence[str] = (),
            external: bool = False, prefix: str = "") -> None:
     """Post-process the exported file at ``path`` in place, then check it.
 
@@ -82,6 +119,7 @@ def finish(path: Path, opset: Optional[int] = None, int4: Mapping[str, Optional[
     """
     model = onnx.load(str(path), load_external_data=True)
     model.producer_name, model.producer_version = "slimq", _version()
+    _own_initializers(model)
     if prefix:
         _strip_prefix(model, prefix)
     if opset is not None:
@@ -92,7 +130,7 @@ def finish(path: Path, opset: Optional[int] = None, int4: Mapping[str, Optional[
                               f"storage) failed: {exc}") from exc
     _expand_wide(model)
     if int4:
-        _pack_int4(model, dict(int4))
+        _pack_int4(model, list(int4))
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()

@@ -66,6 +66,19 @@ def _export_copy(model: nn.Module) -> Tuple[nn.Module, List[str]]:
     return work.eval(), notes
 
 
+def _float32(inputs: ModelInputs) -> ModelInputs:
+    """``inputs`` with every floating tensor in float32 (the dtype both ONNX files use)."""
+    def cast(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj.float() if obj.is_floating_point() else obj
+        if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+            return type(obj)(cast(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: cast(v) for k, v in obj.items()}
+        return obj
+    return ModelInputs(cast(tuple(inputs)))
+
+
 class _TensorInputs(nn.Module):
     """The model with exactly the tensors of ``input_data`` as inputs: every other argument (Python
     numbers, strings, None, keyword flags) is fixed, so none of it becomes a graph input."""
@@ -166,9 +179,10 @@ def _stand_ins(target: str, layers: Mapping[str, CompressedLayer], forms: Mappin
 def float_layers(work: nn.Module) -> List[str]:
     """Modules that compute in float with parameters of their own between the quantized layers
     (unfolded norms, unquantized Conv/Linear, embeddings, layer scales)."""
-    out = []
+    out: List[str] = []
+    inside = tuple(f"{n}." for n, m in work.named_modules() if isinstance(m, CompressedLayer))
     for name, m in work.named_modules():
-        if not name or isinstance(m, (CompressedLayer, FoldedIntoLayer)):
+        if not name or isinstance(m, (CompressedLayer, FoldedIntoLayer)) or name.startswith(inside):
             continue
         if any(True for _ in m.parameters(recurse=False)) or any(
                 b.is_floating_point() for b in m.buffers(recurse=False)):
@@ -242,11 +256,17 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
         raise ExportError(f"unknown export target(s) {unknown}; available: {sorted(TARGETS)}")
     kind = _pick_exporter(exporter)
     work, notes = _export_copy(model)
+    inputs = _float32(inputs)
     layers = dict(iter_compressed(work))
     reference = _reference_and_factors(work, inputs, record, layers)
     forms = {n: layer.integer_form() for n, layer in layers.items() if layer.quantized}
     wide = any(needs_opset21(f) for f in forms.values())
-    tensors = [t.detach().float() if t.is_floating_point() else t.detach() for t in inputs.tensors()]
+    saturated = sorted(n for n, f in forms.items() if f.bias_saturated)
+    if saturated:
+        notes.append(f"the bias of {saturated[:6]} does not fit the int32 accumulator grid (scale_d * scale_w) "
+                     "and is clamped in eval and in both files, so their outputs differ from the training "
+                     "forward; use a coarser grid (INT8) or a smaller bias for these layers")
+    tensors = [t.detach() for t in inputs.tensors()]
     in_names = list(input_names) if input_names else _default_input_names(work, inputs)
     wrapper = _TensorInputs(work, inputs)
     external = _state_bytes(work) >= external_bytes

@@ -33,7 +33,7 @@ from ..quant.grid import Grid
 __all__ = ["IntegerLayer", "integerize", "scale_like_weight", "channel_shape", "out_major",
            "from_out_major", "INT32_MAX"]
 
-INT32_MAX = 2 ** 31 - 1
+INT32_MAX = 2 ** 31 - 128  # the largest int32 that float32 (the eval path's dtype) holds exactly
 
 
 def out_major(module: nn.Module, w: Tensor) -> Tensor:
@@ -79,6 +79,12 @@ class IntegerLayer:
     def bias(self) -> Optional[Tensor]:
         """The bias in float, as an int32 bias dequantizes it (``bias_int * scale_d * scale_w``)."""
         return None if self.bias_int is None else self.bias_int * (self.act.scale * self.weight.scale)
+
+    @property
+    def bias_saturated(self) -> bool:
+        """Whether the bias did not fit the int32 accumulator grid and was clamped (fine 16-bit
+        grids with large biases): eval and export then differ from the training forward."""
+        return self.bias_int is not None and bool((self.bias_int.abs() >= INT32_MAX).any())
 
     @property
     def bias_scale(self) -> Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .functional import is_2of4
 
-__all__ = ["SemiStructuredReport", "semi_structured_available", "to_semi_structured", "MIN_SHAPE"]
+__all__ = ["SemiStructuredReport", "semi_structured_available", "skip_reason", "to_semi_structured", "MIN_SHAPE"]
 
 log = logging.getLogger("slimq")
 MIN_SHAPE = (32, 64)  # weight rows, cols must be multiples (the stricter of the two backends, fp16/bf16)
@@ -56,6 +56,20 @@ def _dense_weight(module: nn.Module) -> Optional[torch.Tensor]:
     return None
 
 
+def skip_reason(module: nn.Module) -> Optional[str]:
+    """Why ``module`` cannot take a semi-structured weight (None: it can). Only plain Linear
+    layers (or unquantized slimq ones) with a 2:4 weight whose shape is a multiple of 32 x 64."""
+    w = _dense_weight(module)
+    if w is None:
+        return "not a Linear layer without QAT"
+    if not is_2of4(w, 1):
+        return "weights are not 2:4 sparse"
+    rows, cols = w.shape
+    if rows % MIN_SHAPE[0] or cols % MIN_SHAPE[1]:
+        return f"shape {tuple(w.shape)} is not a multiple of {MIN_SHAPE}"
+    return None
+
+
 def to_semi_structured(model: nn.Module, dtype: torch.dtype = torch.float16,
                        device: Optional[torch.device] = None) -> SemiStructuredReport:
     """Move ``model`` to the GPU in ``dtype`` and give its 2:4 Linear layers compressed weights.
@@ -83,16 +97,14 @@ def to_semi_structured(model: nn.Module, dtype: torch.dtype = torch.float16,
     for parent_name, parent in model.named_modules():
         for key, child in parent._modules.items():
             name = f"{parent_name}.{key}" if parent_name else key
-            w = _dense_weight(child) if child is not None else None
-            if w is None:
+            if child is None or _dense_weight(child) is None:
                 continue
-            if not is_2of4(w, 1):
-                report.skipped[name] = "weights are not 2:4 sparse"
+            why = skip_reason(child)
+            if why is not None:
+                report.skipped[name] = why
                 continue
+            w = _dense_weight(child)
             rows, cols = w.shape
-            if rows % MIN_SHAPE[0] or cols % MIN_SHAPE[1]:
-                report.skipped[name] = f"shape {tuple(w.shape)} is not a multiple of {MIN_SHAPE}"
-                continue
             dense = nn.Linear(cols, rows, bias=child.bias is not None, device=device, dtype=dtype)
             dense.weight = nn.Parameter(to_sparse_semi_structured(w.to(device, dtype).contiguous()),
                                         requires_grad=False)

@@ -20,7 +20,7 @@ Storage per width (what the file holds, and why):
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List
 
 import torch
 from torch import Tensor, nn
@@ -116,7 +116,7 @@ def stand_in(layer: nn.Module, form: IntegerLayer, signed_weights: bool = False,
     return build_stand_in(layer, _CLASSES, form, signed_weights=signed_weights)
 
 
-def int4_initializers(model: nn.Module) -> Dict[str, Optional[str]]:
-    """{weight initializer name: its zero-point initializer name} of every INT4 deploy layer."""
-    return {f"{n}.w_q": f"{n}.w_zero" for n, m in model.named_modules()
-            if isinstance(m, DeployLayer) and m.int4_weight and not m.float_weight}
+def int4_initializers(model: nn.Module) -> List[str]:
+    """Weight initializer names of every INT4 deploy layer (packed into ONNX int4 after export)."""
+    return [f"{n}.w_q" for n, m in model.named_modules()
+            if isinstance(m, DeployLayer) and m.int4_weight and not m.float_weight]
