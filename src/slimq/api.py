@@ -96,11 +96,12 @@ def _decide(job: _Job) -> PruneDecision:
     return decide(channel_groups(job.df, modules), job.plan, modules)
 
 
-def _prune(job: _Job, decision: PruneDecision, record: Record) -> _Job:
-    """Cut the decided channels in place; the records go into ``record``."""
+def _prune(job: _Job, decision: PruneDecision, record: Record, check: bool = True) -> _Job:
+    """Cut the decided channels in place; the records go into ``record``. ``check=False`` leaves
+    the check forward to the caller (create checks on its calibration forward)."""
     records = to_records(decision)
     apply_records(job.model, records, source=job.plan.source)
-    if records:
+    if records and check:
         check_pruned(job.model, job.inputs, job.df, records)
     record.set_channel_prunes(records)
     return replace(job, plan=annotate_plan(job.plan, decision, dict(job.model.named_modules())))
@@ -112,8 +113,9 @@ def _compress(job: _Job, record: Record, record_path: str, masks=None, restoring
     A new model gets provisional activation ranges from ``input_data`` (for evaluations before
     training); a restored one gets its ranges from the checkpoint instead."""
     layers = insert_compressed_layers(job.model, job.plan, job.df, masks=masks, source=record_path)
-    if not restoring:
-        calibrate(job.model, job.inputs, layers)
+    if not restoring:  # one forward calibrates and checks the pruned model's output shapes
+        prunes = record.channel_prunes()
+        check_pruned(job.model, job.inputs, job.df, prunes, lambda m, i: calibrate(m, i, layers))
     if layers:
         collector = RecordCollector(record_path, record, layers, job.plan.batch_num)
         collector.record_masks()  # the 2:4 masks are in the record from the start
@@ -161,7 +163,7 @@ def create_compressed_retrain_model(model: nn.Module, input_data: Any, config_de
     record = Record()
     if job.plan.channel_pruned:
         decision = _decide(job)
-        job = _prune(job, decision, record)
+        job = _prune(job, decision, record, check=False)
         log.info("slimq: pruned %d channel groups (%d channels)", len(decision.pruned), decision.removed_channels)
     compressed = _compress(job, record, record_path)
     if is_writer_rank():

@@ -6,7 +6,7 @@ stood, so the model's own forward still calls it and the layer computes ``bn(con
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -112,15 +112,14 @@ def _act_quantizers(layers: Mapping[str, CompressedLayer]) -> List[ActQuantizer]
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, inputs: ModelInputs, layers: Mapping[str, CompressedLayer]) -> None:
+def calibrate(model: nn.Module, inputs: ModelInputs, layers: Mapping[str, CompressedLayer]) -> Any:
     """Provisional clips from one eval forward on ``inputs`` for every quantizer that training
     has not initialised, so that an evaluation before training is well defined and repeatable.
+    Returns the forward's output (create checks the pruned model's output shapes on it).
 
     Under DDP rank 0's values are broadcast, so every rank evaluates alike.
     """
     pending = [q for q in _act_quantizers(layers) if not q.is_initialized]
-    if not pending:
-        return
     handles = []
     for layer in layers.values():
         if layer.act_quant is not None and not layer.act_quant.is_initialized:
@@ -134,7 +133,7 @@ def calibrate(model: nn.Module, inputs: ModelInputs, layers: Mapping[str, Compre
         q._warned = True  # the "not initialised" warning is for the user's evaluations
     try:
         with eval_mode(model):
-            call(model, inputs)
+            out = call(model, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -144,3 +143,4 @@ def calibrate(model: nn.Module, inputs: ModelInputs, layers: Mapping[str, Compre
         for q in pending:
             dist.broadcast(q.clip_max.data, 0)
             dist.broadcast(q.clip_min.data, 0)
+    return out

@@ -126,7 +126,8 @@ class ActQuantizer(nn.Module):
     # -- initialisation ------------------------------------------------------------------
     @torch.no_grad()
     def calibrate_(self, x: Tensor) -> None:
-        """Provisional clips from one batch (create's ``input_data``), for evals before training.
+        """Provisional clips from one batch (create's ``input_data``), for evals before training:
+        the 99.9999th/0.0001th percentiles (training's IFMR search is not worth its cost here).
 
         ``initialized`` stays 0: the first ``batch_num`` training batches still initialise.
         """
@@ -137,9 +138,8 @@ class ActQuantizer(nn.Module):
             raise NumericalError(f"NaN or Inf in the input activations of quantized layer "
                                  f"'{self.layer_name}' on input_data")
         hi, lo = self._percentiles(samples, collective=False)
-        cmax, cmin = self._search(samples, hi, lo, collective=False)
-        self.clip_max.fill_(cmax)
-        self.clip_min.fill_(cmin)
+        self.clip_max.fill_(float(hi))
+        self.clip_min.fill_(float(lo))
 
     @torch.no_grad()
     def _init_step(self, x: Tensor) -> None:
