@@ -13,6 +13,12 @@ from .functional import mask_2of4
 __all__ = ["Sparse24Mask"]
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    check = getattr(compiler, "is_compiling", None) or getattr(torch._dynamo, "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
 class Sparse24Mask(nn.Module):
     """Applies a 2:4 mask to a weight; re-chooses it on a schedule of training batches.
 
@@ -50,17 +56,39 @@ class Sparse24Mask(nn.Module):
 
     def forward(self, weight: Tensor, training: bool) -> Tensor:
         if training:
-            if self._step is None:
-                self._step = int(self.step)
-            refresh = self._step == 0 or (self.update_freq > 0 and self._step % self.update_freq == 0)
             with torch.no_grad():
-                if refresh:
-                    self.mask.copy_(mask_2of4(weight, self.axis))
-                if refresh or self.update_freq > 0:
-                    weight.masked_fill_(~self.mask, 0.0)
-                self.step += 1
-            self._step += 1
+                if self.update_freq > 0 and _compiling():
+                    self._compiled_step(weight)
+                else:
+                    self._eager_step(weight)
         return torch.where(self.mask, weight, 0.0)
+
+    def _eager_step(self, weight: Tensor) -> None:
+        """The schedule on a Python mirror of ``step`` (no device sync per batch). With
+        ``update_freq`` 0 the mirror only says whether the first batch has been seen, so a compiled
+        model recompiles once, not every batch."""
+        if self._step is None:
+            self._step = int(self.step)
+        if self.update_freq == 0:
+            if self._step == 0:
+                self.mask.copy_(mask_2of4(weight, self.axis))
+                weight.masked_fill_(~self.mask, 0.0)
+                self._step = 1
+            self.step += 1
+            return
+        if self._step % self.update_freq == 0:
+            self.mask.copy_(mask_2of4(weight, self.axis))
+        weight.masked_fill_(~self.mask, 0.0)
+        self.step += 1
+        self._step += 1
+
+    def _compiled_step(self, weight: Tensor) -> None:
+        """``update_freq`` > 0 as tensor ops only, so a compiled step neither breaks nor recompiles."""
+        refresh = self.step % self.update_freq == 0
+        self.mask.copy_(torch.where(refresh, mask_2of4(weight, self.axis), self.mask))
+        weight.masked_fill_(~self.mask, 0.0)
+        self.step += 1
+        self._step = None
 
     def info(self, name: str) -> SelectiveMaskInfo:
         """The record entry of this mask."""
