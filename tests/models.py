@@ -163,3 +163,32 @@ INPUTS = {"token_mlp": (2, 7, 12)}
 def example_input(name: str, batch: int = 2) -> torch.Tensor:
     shape = INPUTS.get(name, (batch, 3, 16, 16))
     return torch.randn(batch, *shape[1:])
+
+
+@torch.no_grad()
+def randomize_vectors(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Make every per-channel tensor and every all-zero weight matter before an equivalence check.
+
+    Random-init BatchNorms are identities in eval mode, timm starts layer scales at 1e-6 and
+    some heads at zero: a pruning error would then hide behind them. Vectors (tensors with at
+    most one dim larger than 1: BN statistics, gammas, gains, biases) get values of order one
+    (variances positive); all-zero weights get small random values. Integer buffers are left.
+    """
+    g = torch.Generator().manual_seed(seed)
+    tensors = [(n, t) for n, t in model.named_parameters()] + [(n, t) for n, t in model.named_buffers()]
+    for name, t in tensors:
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        leaf = name.rpartition(".")[2]
+        vector = sum(1 for s in t.shape if s > 1) <= 1
+        if vector:
+            r = torch.rand(t.shape, generator=g, dtype=torch.float64)
+            if "var" in leaf:
+                t.copy_(r + 0.5)
+            elif leaf in ("bias", "beta") or "mean" in leaf:
+                t.copy_(r - 0.5)
+            else:
+                t.copy_(r + 0.5)
+        elif not t.any():
+            t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.05)
+    return model
