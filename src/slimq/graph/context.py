@@ -285,9 +285,9 @@ class ChannelContext:
         if sid is None:
             sid = self.new_space(size, reason=reason)
             self.module_space[module] = sid
-            if not reason:
-                self.spaces[sid].members.append(Member(module, "out", type(self.modules[module]).__name__,
-                                                       0, 0, size))
+            # a producer that cannot be pruned is still named, so the plan shows its reason
+            self.spaces[sid].members.append(Member(module, "out", type(self.modules[module]).__name__,
+                                                   0, 0, size))
             if groups > 1:
                 self.spaces[sid].parts.add(groups)
         return Layout(axis, (Seg(sid, 0, size),))
@@ -373,6 +373,8 @@ class ChannelContext:
             s = self.spaces[root]
             if self.find(root) != root or s.split is not None:
                 continue
+            if s.reasons:
+                continue  # blocked anyway
             for m in dict.fromkeys(s.members):
                 reason = self._member_problem(m)
                 if reason and reason not in s.reasons:

@@ -72,26 +72,26 @@ def _names(tensors) -> str:
     return ", ".join(sorted(f"'{t.name}'" for t in tensors))
 
 
-def _channel_tensors(ctx: ChannelContext, node: Node, obj: Any, size: int, what: str,
+def _channel_tensors(ctx: ChannelContext, node: Node, obj: Any, size: int,
                      at: Optional[int] = None) -> Tuple[Optional[List[TensorDim]], Optional[str]]:
-    """The parameter dims a per-channel operand runs along (``[]`` for None or size 1), or a
-    reason it is not a per-channel vector of ``size`` entries (on its dim ``at``, if given)."""
+    """The parameter dims a per-channel operand runs along (``[]`` for None or size 1), or why
+    it is not a per-channel vector of ``size`` entries (on its dim ``at``, if given)."""
     if obj is None:
         return [], None
     d = ctx.derived_of(obj)
     shape = ctx.operand_shape(obj)
     if d is None:
-        return None, f"{ctx.describe(node)} takes its {what} from data"
+        return None, "computed from data"
     if all(s == 1 for s in shape):
         return [], None
     dim = d.vector_dim()
     if dim is None or shape[dim] != size or (at is not None and dim != at):
-        return None, f"{ctx.describe(node)} takes a {what} of shape {list(shape)}, not one entry per channel"
+        return None, f"of shape {list(shape)}, not one entry per channel"
     tensors = d.at(dim)
     if not tensors:
-        return None, f"{ctx.describe(node)} takes a constant {what}"
+        return None, "that is a constant"
     if tensors & d.mixed:
-        return None, f"{ctx.describe(node)} takes a {what} normalised across channels ({_names(tensors & d.mixed)})"
+        return None, f"normalised across channels ({_names(tensors & d.mixed)})"
     return sorted(tensors, key=lambda t: t.name), None
 
 
@@ -272,15 +272,14 @@ def f_elementwise(ctx: ChannelContext, node: Node) -> None:
             elif lay is not base:
                 ctx.couple(base, lay, ctx.describe(node))
             continue
-        tensors, why = _channel_tensors(ctx, node, op, size, "operand", at=pos)
+        tensors, why = _channel_tensors(ctx, node, op, size, at=pos)
         if why is None and base.unit != 1:
-            why = f"{ctx.describe(node)} scales flattened channels"
+            why = "along flattened channels"
         if why is not None:
             d = ctx.derived_of(op)
             named = d.tensors() if d is not None else ()
-            what = ("parameter " + ", ".join(f"'{n}'" for n in sorted(named))) if named else \
-                "a tensor of unknown channel structure"
-            ctx.block(base, f"{ctx.describe(node)} combines these channels with {what}")
+            what = ("parameter " + ", ".join(f"'{n}'" for n in sorted(named))) if named else "a tensor"
+            ctx.block(base, f"{ctx.describe(node)} combines these channels with {what} {why}")
             continue
         for t in tensors:
             module = ctx.owner(t.name)[0]
@@ -567,8 +566,8 @@ def _weighted(ctx: ChannelContext, node: Node, kinds: Tuple[type, ...], groups: 
     out_claims = sorted(wd.at(0), key=lambda t: t.name)
     out_reason = f"{label} transforms its weight across output channels" if set(out_claims) & wd.mixed else None
     size = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-    bias, why = _channel_tensors(ctx, node, b, size, "bias", at=0)
-    out_reason = out_reason or why
+    bias, why = _channel_tensors(ctx, node, b, size, at=0)
+    out_reason = out_reason or (f"{ctx.describe(node)} takes a bias {why}" if why else None)
     if bias and _owner_of(ctx, bias) != owner:
         out_reason = f"{ctx.describe(node)} takes a bias that is not {label}'s own"
     out_claims += bias or []
@@ -599,9 +598,9 @@ def f_batch_norm(ctx: ChannelContext, node: Node) -> None:
     names = ("running_mean", "running_var", "weight", "bias")
     claims: List[TensorDim] = []
     for pos, name in enumerate(names, start=1):
-        tensors, why = _channel_tensors(ctx, node, _arg(node, pos, name), size, name.replace("_", " "))
+        tensors, why = _channel_tensors(ctx, node, _arg(node, pos, name), size)
         if why is not None:
-            ctx.block(lin, why)
+            ctx.block(lin, f"{ctx.describe(node)} takes a {name.replace('_', ' ')} {why}")
             return ctx.set_out(node, None)
         claims += tensors
     _per_channel_owned(ctx, node, lin, claims)
@@ -636,9 +635,9 @@ def f_group_norm(ctx: ChannelContext, node: Node) -> None:
     size = ctx.shape(vid)[1] if vid is not None and len(ctx.shape(vid)) > 1 else 0
     claims: List[TensorDim] = []
     for pos, name in ((2, "weight"), (3, "bias")):
-        tensors, why = _channel_tensors(ctx, node, _arg(node, pos, name), size, name)
+        tensors, why = _channel_tensors(ctx, node, _arg(node, pos, name), size)
         if why is not None:
-            ctx.block(lin, why)
+            ctx.block(lin, f"{ctx.describe(node)} takes a {name} {why}")
             return ctx.set_out(node, None)
         claims += tensors
     _group_norm(ctx, node, None, _arg(node, 1, "num_groups"), claims)
@@ -664,9 +663,9 @@ def f_prelu(ctx: ChannelContext, node: Node) -> None:
     if lin is None:
         return ctx.set_out(node, None)
     size = ctx.shape(vid)[1] if len(ctx.shape(vid)) > 1 else ctx.shape(vid)[0]
-    tensors, why = _channel_tensors(ctx, node, _arg(node, 1, "weight"), size, "weight")
+    tensors, why = _channel_tensors(ctx, node, _arg(node, 1, "weight"), size)
     if why is not None:
-        ctx.block(lin, why)
+        ctx.block(lin, f"{ctx.describe(node)} takes a weight {why}")
         return ctx.set_out(node, None)
     _per_channel_owned(ctx, node, lin, tensors)
 
