@@ -136,8 +136,10 @@ CASES = [
     # -- module rules
     ("m", "conv", lambda: nn.Sequential(conv(), nn.Conv2d(8, 8, 3, groups=8), conv(8, 2)), X, "0", None,
      {("1", "channel"), ("2", "in")}),
-    ("m", "conv", lambda: nn.Sequential(conv(), nn.Conv2d(8, 16, 3, groups=8), conv(16, 2)), X, "0",
-     "channel multiplier", set()),
+    ("m", "conv", lambda: nn.Sequential(conv(), nn.Conv2d(8, 16, 3, groups=8), nn.BatchNorm2d(16), conv(16, 2)),
+     X, "0", None, {("1", "channel"), ("2", "channel"), ("3", "in")}),
+    ("m", "conv", lambda: nn.Sequential(conv(), nn.Conv2d(8, 16, 3, groups=8), nn.Conv2d(16, 4, 1, groups=2)),
+     X, "0", "reads these channels along another axis", set()),
     ("m", "conv_transpose", lambda: nn.Sequential(conv(), nn.ConvTranspose2d(8, 4, 2, stride=2), conv(4, 2)),
      X, "0", None, {("1", "in")}),
     ("m", "linear", lambda: nn.Sequential(nn.Linear(3, 8), nn.Linear(8, 2)), T, "0", None, {("1", "in")}),
@@ -260,6 +262,35 @@ def _prune_and_check(model, x, write_cfg, tmp_path, expect_pruned: bool) -> None
         assert torch.equal(again.eval()(probe), pruned.eval()(probe))
     assert again.state_dict().keys() == pruned.state_dict().keys()
     assert all(a.shape == b.shape for a, b in zip(again.state_dict().values(), pruned.state_dict().values()))
+
+
+class Multiplier(nn.Module):
+    """fastvit's patch embedding: two depthwise convs with a channel multiplier of 2, added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(conv(3, 12), nn.BatchNorm2d(12), nn.ReLU())
+        self.large = nn.Sequential(nn.Conv2d(12, 24, 5, padding=2, groups=12), nn.BatchNorm2d(24))
+        self.small = nn.Sequential(nn.Conv2d(12, 24, 3, padding=1, groups=12), nn.BatchNorm2d(24))
+        self.proj = nn.Conv2d(24, 8, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(self.proj(torch.relu(self.large(x) + self.small(x))))
+
+
+def test_depthwise_with_multiplier_follows_its_input(tmp_path, write_cfg):
+    model = randomize_vectors(Multiplier()).eval()
+    g = _group(model, X, "stem.0")
+    assert not g.reasons
+    units = {(m.module, m.role): m.unit for m in g.members}
+    assert units[("large.0", "channel")] == units[("large.1", "channel")] == units[("proj", "in")] == 2
+    _prune_and_check(model, X, write_cfg, tmp_path, expect_pruned=True)
+    pruned = slimq.create_compressed_retrain_model(model, X, write_cfg(PRUNE_ONLY % (0.5, "false")),
+                                                   str(tmp_path / "r2.txt"))
+    assert (pruned.large[0].in_channels, pruned.large[0].groups, pruned.large[0].out_channels) == (6, 6, 12)
+    assert pruned.proj.in_channels == 12 and pruned.large[1].num_features == 12
 
 
 def test_ghost_shortcut_rows_follow_both_halves(tmp_path, write_cfg):

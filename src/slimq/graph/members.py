@@ -19,13 +19,20 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["channel_tensors", "consumer_role", "channel_width", "is_depthwise", "vector_dim"]
+__all__ = ["channel_tensors", "consumer_role", "channel_width", "is_channelwise", "is_depthwise", "vector_dim"]
 
 _STANDARD = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
 
+def is_channelwise(m: Optional[nn.Module]) -> bool:
+    """A depthwise conv, possibly with a channel multiplier: input channel i alone makes output
+    channels ``[i * k, (i + 1) * k)``, ``k = out_channels / in_channels``."""
+    return (isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd)
+            and m.groups > 1 and m.groups == m.in_channels and m.out_channels % m.in_channels == 0)
+
+
 def is_depthwise(m: Optional[nn.Module]) -> bool:
-    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    return is_channelwise(m) and m.in_channels == m.out_channels
 
 
 def vector_dim(t: torch.Tensor) -> Optional[int]:
@@ -52,7 +59,7 @@ def _own(m: nn.Module, *names: str) -> List[Tuple[str, int]]:
 
 def consumer_role(m: nn.Module) -> str:
     """The role of a module that does not produce the group's channels."""
-    if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not is_depthwise(m):
+    if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not is_channelwise(m):
         return "in"
     return "channel"
 
@@ -66,8 +73,8 @@ def channel_tensors(m: Optional[nn.Module], role: str) -> Optional[Tuple[Tuple[s
         return (("weight", 0),) if role == "in" else None
     if isinstance(m, nn.modules.conv._ConvNd):
         if role == "in":
-            return None if is_depthwise(m) else (("weight", 1), *_extras(m, 1, m.in_channels))
-        if role == "channel" and not is_depthwise(m):
+            return None if is_channelwise(m) else (("weight", 1), *_extras(m, 1, m.in_channels))
+        if role == "channel" and not is_channelwise(m):
             return None
         return (*_own(m, "weight", "bias"), *_extras(m, 0, m.out_channels))
     if isinstance(m, nn.Linear):

@@ -24,7 +24,7 @@ from .context import ChannelContext
 from .dataflow import External, Node, Opaque, ValueRef
 from .layout import (Derived, Layout, Seg, TensorDim, flat, index_items, permute_order, reduced_dims,
                      reshape_axis, slice_bounds)
-from .members import is_depthwise
+from .members import is_channelwise
 from .ops import normalize
 
 __all__ = ["MODULE_RULES", "FUNCTION_RULES", "DERIVED_RULES"]
@@ -104,19 +104,20 @@ def _owner_of(ctx: ChannelContext, tensors: Sequence[TensorDim]) -> Optional[str
 
 
 def _per_channel(ctx: ChannelContext, node: Node, module: Optional[str], lin: Optional[Layout],
-                 claims: Sequence[TensorDim] = (), sliced: bool = True) -> None:
-    """Channel i in -> channel i out (BatchNorm, depthwise conv, per-channel scale)."""
+                 claims: Sequence[TensorDim] = (), sliced: bool = True, mult: int = 1) -> None:
+    """Channel i in -> channel i out (BatchNorm, depthwise conv, per-channel scale); with a
+    channel multiplier ``mult``, channel i owns ``mult`` consecutive outputs."""
     if lin is None:
         return ctx.set_out(node, None)
     nd = len(ctx.shape(node.inputs[0]))
-    if lin.axis != (1 if nd >= 2 else 0) or lin.unit != 1:
+    if lin.axis != (1 if nd >= 2 else 0):
         ctx.block(lin, f"{ctx.describe(node)} works on another axis than these channels")
         return ctx.set_out(node, None)
     if sliced and module is not None:
-        ctx.bind(node, module, "channel", lin)
+        ctx.bind(node, module, "channel", lin, unit=lin.unit * mult)
         for t in claims:
             ctx.claim(t, module, "channel")
-    ctx.set_out(node, lin)
+    ctx.set_out(node, Layout(lin.axis, lin.segs, lin.unit * mult))
 
 
 def _consume(ctx: ChannelContext, node: Node, module: str, lin: Optional[Layout], axis: int,
@@ -147,19 +148,19 @@ def _produce(ctx: ChannelContext, node: Node, module: str, size: int, axis: int,
 def _conv_like(ctx: ChannelContext, node: Node, module: str, m: nn.Module, lin: Optional[Layout],
                out_claims: Sequence[TensorDim] = (), in_claims: Sequence[TensorDim] = (),
                out_reason: Optional[str] = None, in_reason: Optional[str] = None) -> None:
-    """A conv (module or function) reading ``lin``: depthwise passes channels through, others
-    consume their input channels and produce their own."""
+    """A conv (module or function) reading ``lin``: a depthwise conv passes channels through
+    (with a multiplier each channel owns several outputs), others consume their input channels
+    and produce their own."""
     nd_out = len(ctx.shape(node.outputs[0]))
     out_axis = 1 if nd_out == m.weight.dim() else 0
-    if m.groups > 1 and m.groups == m.in_channels:
-        if m.out_channels == m.in_channels and not out_reason:
-            return _per_channel(ctx, node, module, lin, claims=out_claims)
-        ctx.block(lin, out_reason or f"depthwise {ctx.describe(node)} has a channel multiplier")
-        return _produce(ctx, node, module, m.out_channels, out_axis,
-                        reason=out_reason or f"depthwise {ctx.describe(node)} with a channel multiplier")
+    if is_channelwise(m):
+        if not out_reason:
+            return _per_channel(ctx, node, module, lin, claims=out_claims, mult=m.out_channels // m.in_channels)
+        ctx.block(lin, out_reason)
+        return _produce(ctx, node, module, m.out_channels, out_axis, reason=out_reason)
     vid = node.inputs[0] if node.inputs else None
     nd_in = len(ctx.shape(vid)) if vid is not None else 0
-    _consume(ctx, node, module, lin, 1 if nd_in == m.weight.dim() else 0, any_unit=False,
+    _consume(ctx, node, module, lin, 1 if nd_in == m.weight.dim() else 0, any_unit=m.groups == 1,
              groups=m.groups, claims=in_claims, reason=in_reason)
     _produce(ctx, node, module, m.out_channels, out_axis, reason=out_reason, groups=m.groups, claims=out_claims)
 
@@ -273,8 +274,6 @@ def f_elementwise(ctx: ChannelContext, node: Node) -> None:
                 ctx.couple(base, lay, ctx.describe(node))
             continue
         tensors, why = _channel_tensors(ctx, node, op, size, at=pos)
-        if why is None and base.unit != 1:
-            why = "along flattened channels"
         if why is not None:
             d = ctx.derived_of(op)
             named = d.tensors() if d is not None else ()
@@ -287,7 +286,7 @@ def f_elementwise(ctx: ChannelContext, node: Node) -> None:
                 ctx.block(base, f"{ctx.describe(node)} combines these channels with '{t.name}'")
                 continue
             role = ctx.consumer_role(module)
-            if ctx.bind(node, module, role, base):
+            if ctx.bind(node, module, role, base, unit=base.unit):
                 ctx.claim(t, module, role)
     ctx.set_out(node, Layout(len(out_shape) + rel, base.segs, base.unit))
 
@@ -582,8 +581,6 @@ def _weighted(ctx: ChannelContext, node: Node, kinds: Tuple[type, ...], groups: 
         _consume(ctx, node, owner, lin, nd - 1, any_unit=True, claims=in_claims, reason=in_reason)
         return _produce(ctx, node, owner, size, len(ctx.shape(node.outputs[0])) - 1, reason=out_reason,
                         claims=out_claims)
-    if is_depthwise(m) and not out_reason:
-        return _per_channel(ctx, node, owner, lin, claims=out_claims)
     _conv_like(ctx, node, owner, m, lin, out_claims=out_claims, in_claims=in_claims, out_reason=out_reason,
                in_reason=in_reason)
 

@@ -17,7 +17,7 @@ from ..errors import ConfigError, RecordError
 from ..graph.channels import ChannelGroup, Member
 from ..record.store import ChannelPruneInfo, PruneNodeInfo
 from .importance import balanced_l2_scores, group_scores, kept_count, select_removed
-from .surgery import apply_keep, can_slice, channel_width, consumer_role, is_depthwise
+from .surgery import apply_keep, can_slice, channel_width, consumer_role, is_channelwise
 
 __all__ = ["GroupDecision", "PruneDecision", "decide", "to_records", "apply_records", "annotate_plan"]
 
@@ -212,7 +212,7 @@ def annotate_plan(plan: CompressionPlan, decision: PruneDecision,
             if lp.name in decision.blocked:
                 note += f"; some of its channels stay: {decision.blocked[lp.name]}"
             layers.append(replace(lp, notes=lp.notes + (note,)))
-        elif lp.name in followers or (modules is not None and is_depthwise(modules.get(lp.name))):
+        elif lp.name in followers or (modules is not None and is_channelwise(modules.get(lp.name))):
             d = followers.get(lp.name)
             follow = f"{d.group.size} -> {d.kept}" if d is not None else "unchanged"
             layers.append(replace(lp, prune=None, notes=lp.notes + (

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import RecordError
-from ..graph.members import channel_tensors, channel_width, consumer_role, is_depthwise
+from ..graph.members import channel_tensors, channel_width, consumer_role, is_channelwise, is_depthwise
 
-__all__ = ["ATTRIBUTES", "apply_keep", "can_slice", "consumer_role", "channel_width", "is_depthwise"]
+__all__ = ["ATTRIBUTES", "apply_keep", "can_slice", "consumer_role", "channel_width", "is_channelwise",
+           "is_depthwise"]
 
 
 def _index(keep: Sequence[int], device: torch.device) -> Tensor:
@@ -63,8 +64,10 @@ def _conv_width(m: nn.Module, role: str, n: int) -> None:
         m.out_channels = n
     elif role == "in":
         m.in_channels = n
-    else:  # depthwise
-        m.in_channels = m.out_channels = m.groups = n
+    else:  # depthwise, n output rows: k per kept input channel
+        mult = m.out_channels // m.in_channels
+        m.out_channels = n
+        m.in_channels = m.groups = n // mult
 
 
 def _linear_width(m: nn.Module, role: str, n: int) -> None:
