@@ -31,12 +31,12 @@ def masked_original(original: nn.Module, records: Sequence[ChannelPruneInfo]) ->
                 m.weight[:, idx] = 0
             elif isinstance(m, nn.modules.conv._ConvTransposeNd):
                 m.weight[idx] = 0
-            elif isinstance(m, nn.modules.conv._ConvNd) and not (m.groups == m.in_channels == m.out_channels > 1):
+            elif isinstance(m, nn.modules.conv._ConvNd) and not (m.groups == m.in_channels > 1):
                 per, rows = m.in_channels // m.groups, m.out_channels // m.groups
                 for i in idx.tolist():
                     g = i // per
                     m.weight[g * rows:(g + 1) * rows, i - g * per] = 0
-            # BatchNorm / depthwise / PReLU pass channels through: nothing to mask
+            # BatchNorm / depthwise (with or without multiplier) / PReLU pass channels through
     return model
 
 

@@ -184,8 +184,11 @@ class _Resolver:
                 "not called as a module in the forward pass on input_data (unused, on a branch "
                 "input_data does not take, or its weights are used functionally by its parent)",))
         if compressed_class_for(module) is None:
-            return LayerPlan(name, type(module).__name__, notes=(
-                f"{type(module).__name__} overrides forward(); slimq does not replace custom forwards",))
+            note = f"{type(module).__name__} overrides forward(); slimq does not replace custom forwards"
+            if not isinstance(prune, ChannelPruneSpec):
+                return LayerPlan(name, type(module).__name__, notes=(note,))
+            act = weight = None  # channel pruning works through the functions its forward calls
+            notes.append(note)
         if act is not None and act.fixed_min is None:
             act = replace(act, fixed_min=nonnegative_input(self.df, name))
         if calls > 1:

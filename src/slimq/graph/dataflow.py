@@ -59,6 +59,11 @@ class Node:
         args, kwargs: the call's arguments with tensors replaced by :class:`ValueRef` /
             :class:`External` and other objects by :class:`Opaque`.
         out_is_input: the call returned one of its own inputs (in-place op or identity).
+        scope: name of the innermost module whose forward made this call ("" for the model's
+            own forward); a module node's scope is the module that called it.
+        transparent: a module call that was traced through (its inner calls are nodes with
+            this module as scope); such calls are listed in ``Dataflow.transparent_calls``,
+            not in ``Dataflow.nodes``, and have ``id == -1``.
     """
 
     id: int
@@ -70,6 +75,9 @@ class Node:
     args: Tuple[Any, ...] = ()
     kwargs: Dict[str, Any] = field(default_factory=dict)
     out_is_input: bool = False
+    scope: str = ""
+    transparent: bool = False
+    order: int = 0  # position among all module calls, opaque and transparent
 
     @property
     def is_module(self) -> bool:
@@ -86,15 +94,23 @@ class Dataflow:
     output_ids: List[int]
     module_types: Dict[str, type]  # every named module, called or not
     external_values: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    transparent_calls: List[Node] = field(default_factory=list)
+
+    def iter_module_calls(self) -> Iterator[Node]:
+        """Every module call in call order: opaque nodes and transparent calls."""
+        opaque = (n for n in self.nodes if n.is_module)
+        return iter(sorted([*opaque, *self.transparent_calls], key=lambda n: n.order))
 
     def module_calls(self, name: str) -> List[Node]:
-        return [n for n in self.nodes if n.is_module and n.target == name]
+        """The calls of module ``name`` (each with its input and output value ids)."""
+        return [n for n in self.iter_module_calls() if n.target == name]
 
     def called_modules(self) -> Dict[str, int]:
+        """{module name: number of calls}, for modules recorded as one node and modules traced
+        through alike (containers included)."""
         counts: Dict[str, int] = {}
-        for n in self.nodes:
-            if n.is_module:
-                counts[n.target] = counts.get(n.target, 0) + 1
+        for n in self.iter_module_calls():
+            counts[n.target] = counts.get(n.target, 0) + 1
         return counts
 
     def producer(self, value_id: int) -> Optional[Node]:
@@ -111,7 +127,12 @@ class Dataflow:
         return value_id in self.output_ids
 
     def describe(self, node: Node) -> str:
-        """Human-readable name of a node for messages: module name or 'function add'."""
+        """Human-readable name of a node for messages: module name or 'function add' (with the
+        module whose forward called it)."""
         if node.is_module:
             return f"'{node.target}' ({node.module_type.__name__ if node.module_type else '?'})"
+        if node.scope:
+            scope_type = self.module_types.get(node.scope)
+            where = f"'{node.scope}' ({scope_type.__name__})" if scope_type else f"'{node.scope}'"
+            return f"function '{node.target}' in {where}"
         return f"function '{node.target}'"

@@ -1,32 +1,23 @@
-"""Per-layer facts read off the dataflow: non-negative inputs and foldable BatchNorms."""
+"""Per-layer facts read off the dataflow: non-negative inputs, foldable BatchNorms, conv outputs
+that no quantized layer reads. What each op does comes from the one op table, ``graph.ops``."""
 from __future__ import annotations
 
-from typing import Dict, Set
+from typing import Dict, Optional, Set, Tuple
 
 from torch import nn
 
 from .dataflow import Dataflow, External, Node
+from .layout import flat
+from .ops import Op, function_op, module_type_op
 
-__all__ = ["nonnegative_input", "foldable_batchnorms", "unread_conv_outputs"]
+__all__ = ["nonnegative_input", "foldable_batchnorms", "batchnorm_output", "unread_conv_outputs",
+           "output_channel_axis"]
 
-# Outputs >= 0 whatever the input.
-_NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Softplus)
-_NONNEG_FUNCTIONS = {"relu", "relu_", "relu6", "sigmoid", "sigmoid_", "hardsigmoid", "softmax",
-                     "softplus", "abs", "abs_", "square", "exp"}
-# Outputs >= 0 when every tensor input is: pooling, reshapes, selections, concatenation.
-_SIGN_KEEPING_MODULES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-                         nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-                         nn.modules.dropout._DropoutNd, nn.Identity, nn.Flatten, nn.Unflatten,
-                         nn.Upsample, nn.PixelShuffle, nn.ChannelShuffle, nn.ZeroPad2d)
-_SIGN_KEEPING_FUNCTIONS = {
-    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-    "adaptive_max_pool2d", "adaptive_max_pool3d", "flatten", "view", "reshape", "permute",
-    "transpose", "contiguous", "clone", "__getitem__", "cat", "concat", "stack", "squeeze",
-    "unsqueeze", "dropout", "interpolate", "upsample", "pixel_shuffle", "channel_shuffle",
-    "chunk", "split", "narrow", "mean", "amax", "max", "flatten", "expand", "repeat",
-    "detach", "float", "to", "type_as",
-}
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _op(node: Node) -> Optional[Op]:
+    return module_type_op(node.module_type) if node.is_module else function_op(node.target)
 
 
 def nonnegative_input(df: Dataflow, module_name: str) -> bool:
@@ -36,10 +27,11 @@ def nonnegative_input(df: Dataflow, module_name: str) -> bool:
     concatenations of such tensors. Anything else (including model inputs) is not.
     """
     calls = df.module_calls(module_name)
-    return bool(calls) and all(c.inputs and _nonneg(df, c.inputs[0], set()) for c in calls)
+    return bool(calls) and all(c.inputs and _nonneg(df, c.inputs[0]) for c in calls)
 
 
-def _nonneg(df: Dataflow, value_id: int, seen: Set[int]) -> bool:
+def _nonneg(df: Dataflow, value_id: int) -> bool:
+    seen: Set[int] = set()
     stack = [value_id]
     while stack:
         vid = stack.pop()
@@ -51,90 +43,119 @@ def _nonneg(df: Dataflow, value_id: int, seen: Set[int]) -> bool:
             return False
         if _clamps_at_zero(node):
             continue
-        if not _keeps_sign(node) or not node.inputs:
+        op = _op(node)
+        if op is None or op.sign != "keeps" or not node.inputs:
             return False
-        if any(isinstance(a, External) for a in _flat(node.args)):
+        if any(isinstance(a, External) for a in flat(node.args)):
             return False  # e.g. cat with a parameter: sign unknown
         stack.extend(node.inputs)
     return True
 
 
 def _clamps_at_zero(node: Node) -> bool:
-    if node.is_module:
-        if node.module_type is not None and issubclass(node.module_type, _NONNEG_MODULES):
-            return True
+    op = _op(node)
+    if op is None:
         return False
-    if node.target in _NONNEG_FUNCTIONS:
-        return True
-    if node.target in ("clamp", "clamp_", "clip", "hardtanh"):
+    if op.sign == "clamp" and not node.is_module:
         low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
         return isinstance(low, (int, float)) and low >= 0
-    return False
+    return op.sign == "nonneg"
 
 
-def _keeps_sign(node: Node) -> bool:
-    if node.is_module:
-        return node.module_type is not None and issubclass(node.module_type, _SIGN_KEEPING_MODULES)
-    return node.target in _SIGN_KEEPING_FUNCTIONS
+def output_channel_axis(module: nn.Module, ndim: int) -> Optional[int]:
+    """The axis of a Conv/Linear output of rank ``ndim`` that holds its output channels."""
+    if isinstance(module, nn.Linear):
+        return ndim - 1
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return 1 if ndim == module.weight.dim() else 0
+    return None
 
 
-def _flat(args) -> list:
-    out, stack = [], list(args)
-    while stack:
-        a = stack.pop()
-        if isinstance(a, (tuple, list)):
-            stack.extend(a)
-        else:
-            out.append(a)
-    return out
+def _bn_call(df: Dataflow, user: Node, vid: int) -> Optional[Tuple[str, Node]]:
+    """(BatchNorm module name, the node that normalises) when ``user`` is a BatchNorm reading
+    ``vid``: a BatchNorm layer, or ``F.batch_norm`` with the running statistics of the
+    BatchNorm subclass whose forward calls it (timm's ``BatchNormAct2d``)."""
+    if user.is_module:
+        if user.module_type is not None and issubclass(user.module_type, _BN_TYPES):
+            return user.target, user
+        return None
+    scope_type = df.module_types.get(user.scope)
+    if function_op(user.target).family != "batch_norm" or user.target != "batch_norm" or \
+            scope_type is None or not issubclass(scope_type, _BN_TYPES):
+        return None
+    stats = [a for a in user.args[1:3] if isinstance(a, External)]
+    if [a.name for a in stats] != [f"{user.scope}.running_mean", f"{user.scope}.running_var"]:
+        return None
+    return user.scope, user
 
 
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+def _bn_node(df: Dataflow, bn_name: str) -> Optional[Node]:
+    calls = df.module_calls(bn_name)
+    if len(calls) != 1:
+        return None
+    call = calls[0]
+    if not call.transparent:
+        return call
+    inner = [n for n in df.nodes if n.scope == bn_name and n.target == "batch_norm"]
+    return inner[0] if len(inner) == 1 else None
+
+
+def batchnorm_output(df: Dataflow, bn_name: str) -> Optional[int]:
+    """The value a BatchNorm's normalisation produced (before the activation of a BatchNorm
+    subclass such as ``BatchNormAct2d``)."""
+    node = _bn_node(df, bn_name)
+    return node.outputs[0] if node is not None and node.outputs else None
 
 
 def foldable_batchnorms(df: Dataflow, modules: Dict[str, nn.Module]) -> Dict[str, str]:
-    """{layer name: BatchNorm name} for layers whose output feeds only one BatchNorm.
+    """{layer name: BatchNorm name} for Conv/Linear layers whose output feeds only one BatchNorm
+    that normalises the layer's own output channels.
 
     Both must be called exactly once, the layer's output must have no other consumer and not be
-    a model output, and the BatchNorm must use running statistics (so it is affine in eval).
+    a model output, the BatchNorm must use running statistics (so it is affine in eval), and it
+    must normalise the axis that holds the layer's output channels, with as many features (a
+    ``Linear`` on a 4-D input followed by ``BatchNorm2d`` normalises another axis).
     """
     counts = df.called_modules()
     out: Dict[str, str] = {}
-    for node in df.iter_nodes("module"):
-        if counts.get(node.target) != 1 or len(node.outputs) != 1:
+    for call in df.iter_module_calls():
+        layer = modules.get(call.target)
+        if counts.get(call.target) != 1 or len(call.outputs) != 1 or \
+                not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
             continue
-        vid = node.outputs[0]
+        vid = call.outputs[0]
         users = df.consumers(vid)
         if len(users) != 1 or df.is_output(vid):
             continue
-        bn = users[0]
-        if not (bn.is_module and bn.module_type is not None and issubclass(bn.module_type, _BN_TYPES)):
+        found = _bn_call(df, users[0], vid)
+        if found is None or users[0].inputs[:1] != [vid]:
             continue
-        if counts.get(bn.target) != 1 or bn.inputs[:1] != [vid]:
+        bn_name, _ = found
+        bn = modules.get(bn_name)
+        if counts.get(bn_name) != 1 or bn is None or not bn.track_running_stats or bn.running_var is None:
             continue
-        bn_module = modules.get(bn.target)
-        if bn_module is None or not bn_module.track_running_stats or bn_module.running_var is None:
-            continue
-        out[node.target] = bn.target
+        ndim = len(df.values[vid].shape)
+        width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        if output_channel_axis(layer, ndim) != (1 if ndim >= 2 else 0) or bn.num_features != width:
+            continue  # the BatchNorm normalises another axis than the layer's channels
+        out[call.target] = bn_name
     return out
 
 
-_RELU_MODULES = (nn.ReLU, nn.ReLU6)
-_RELU_FUNCTIONS = {"relu", "relu_", "relu6"}
-
-
 def _read_only_by_quantized(df: Dataflow, value_id: int, quantized: Set[str]) -> bool:
-    """Every use of the value is the (first) input of a quantized layer, possibly after ReLU."""
+    """Every use of the value is the (first) input of a quantized layer, possibly after ReLU,
+    identity or dropout."""
     users = df.values[value_id].consumers
     if not users or df.is_output(value_id):
         return False
     for nid, pos in users:
         node = df.nodes[nid]
-        if node.is_module and node.target in quantized and pos == 0:
+        if pos == 0 and ((node.is_module and node.target in quantized) or
+                         (not node.is_module and node.scope in quantized)):
             continue
-        relu = (node.is_module and node.module_type is not None and issubclass(node.module_type, _RELU_MODULES)) \
-            or (not node.is_module and node.target in _RELU_FUNCTIONS)
-        if relu and node.outputs and _read_only_by_quantized(df, node.outputs[0], quantized):
+        op = _op(node)
+        passes = op is not None and (op.relu or op.family == "identity")
+        if passes and node.outputs and _read_only_by_quantized(df, node.outputs[0], quantized):
             continue
         return False
     return True
@@ -152,7 +173,9 @@ def unread_conv_outputs(df: Dataflow, quantized: Set[str], bn_of: Dict[str, str]
             continue
         vid = calls[0].outputs[0]
         if name in bn_of:
-            vid = df.module_calls(bn_of[name])[0].outputs[0]
+            vid = batchnorm_output(df, bn_of[name])
+            if vid is None:
+                continue
         if df.is_output(vid):
             continue
         if not _read_only_by_quantized(df, vid, quantized):

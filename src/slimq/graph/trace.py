@@ -4,9 +4,13 @@ Module calls are seen through forward hooks, tensor functions and methods throug
 ``TorchFunctionMode``. Because the model really runs, Python control flow is simply followed:
 the dataflow is the one taken for ``input_data``.
 
-Known layer types, and unknown leaf modules that own parameters, are recorded as one node each
-(what happens inside them is their own business); containers and parameter-free helper modules
-are traced through. Hooks and the mode are always removed, the module training flags restored.
+Layers that ``graph.ops`` has a rule for (and that run their ``torch.nn`` forward) are recorded
+as one node each. Every other module is traced through: its forward's tensor functions become
+nodes whose ``scope`` is that module, and the call itself is kept in
+``Dataflow.transparent_calls`` (with its input and output values), so it still counts as called.
+That covers containers, timm-style subclasses with a forward of their own (``BatchNormAct2d``,
+``Conv2dSame``) and parameter-holding helpers (``LayerScale``). Hooks and the mode are always
+removed, the module training flags restored.
 """
 from __future__ import annotations
 
@@ -21,36 +25,12 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import GraphError, ModelError
 from .dataflow import Dataflow, External, Node, Opaque, Value, ValueRef
+from .ops import module_op
 
-__all__ = ["trace", "OPAQUE_MODULE_TYPES", "DEFAULT_TIME_LIMIT_S"]
+__all__ = ["trace", "DEFAULT_TIME_LIMIT_S"]
 
 DEFAULT_TIME_LIMIT_S = float(os.environ.get("SLIMQ_GRAPH_TIME_LIMIT", "300"))
 MAX_NODES = 2_000_000
-
-# Module families recorded as a single node even when they have children (their submodules are
-# used through functional calls, e.g. MultiheadAttention.out_proj).
-OPAQUE_MODULE_TYPES: Tuple[type, ...] = (
-    nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.modules.batchnorm._NormBase,
-    nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.MultiheadAttention, nn.RNNBase,
-    nn.Embedding, nn.EmbeddingBag, nn.Transformer, nn.TransformerEncoderLayer,
-    nn.TransformerDecoderLayer, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU,
-    nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Hardsigmoid, nn.Hardswish, nn.Hardtanh,
-    nn.Tanh, nn.Softmax, nn.LogSoftmax, nn.Softplus, nn.Identity, nn.Flatten, nn.Unflatten,
-    nn.modules.dropout._DropoutNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
-    nn.modules.padding._ReplicationPadNd, nn.ZeroPad2d, nn.Upsample, nn.PixelShuffle,
-    nn.ChannelShuffle,
-)
-
-
-def _is_opaque(module: nn.Module) -> bool:
-    if isinstance(module, OPAQUE_MODULE_TYPES):
-        return True
-    has_children = next(module.children(), None) is not None
-    owns_state = any(True for _ in module.parameters(recurse=False)) or any(
-        True for _ in module.buffers(recurse=False))
-    return not has_children and owns_state
 
 
 def _func_name(func: Any) -> str:
@@ -71,6 +51,9 @@ class _Recorder(TorchFunctionMode):
         self.value_of: Dict[int, int] = {}  # id(tensor) -> value id
         self.keep_alive: List[torch.Tensor] = []  # stops id() reuse while tracing
         self.depth = 0  # >0 while inside an opaque module
+        self.scopes: List[str] = []  # transparent modules whose forward is running, innermost last
+        self.calls: List[Node] = []  # transparent module calls
+        self.order = 0  # module calls so far, opaque and transparent
         self.busy = False  # True during our own bookkeeping (t.shape etc. must not be recorded)
         self.deadline = time.monotonic() + time_limit
         self.time_limit = time_limit
@@ -127,14 +110,23 @@ class _Recorder(TorchFunctionMode):
         if len(self.nodes) >= MAX_NODES:
             raise GraphError(f"the forward pass made more than {MAX_NODES} tensor operations; "
                              "slimq cannot analyse a model this long")
+        node = self.make_node(kind, target, module_type, args, kwargs, len(self.nodes))
+        for pos, vid in enumerate(node.inputs):
+            self.values[vid].consumers.append((node.id, pos))
+        self.nodes.append(node)
+        return node
+
+    def make_node(self, kind: str, target: str, module_type: Optional[type], args: Sequence[Any],
+                  kwargs: Dict[str, Any], node_id: int) -> Node:
         inputs: List[int] = []
-        node = Node(id=len(self.nodes), kind=kind, target=target, module_type=module_type)
+        node = Node(id=node_id, kind=kind, target=target, module_type=module_type,
+                    scope=self.scopes[-1] if self.scopes else "")
         node.args = tuple(self.sanitize(a, inputs) for a in args)
         node.kwargs = {k: self.sanitize(v, inputs) for k, v in kwargs.items()}
         node.inputs = inputs
-        for pos, vid in enumerate(inputs):
-            self.values[vid].consumers.append((node.id, pos))
-        self.nodes.append(node)
+        if kind == "module":
+            node.order = self.order
+            self.order += 1
         return node
 
     def finish_node(self, node: Node, result: Any) -> None:
@@ -166,23 +158,38 @@ class _Recorder(TorchFunctionMode):
             self.busy = False
 
     # ---------------------------------------------------------------- modules
-    def pre_hook(self, name: str):
+    def pre_hook(self, name: str, opaque: bool):
         def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
-            if self.depth == 0:
-                with self.bookkeeping():
+            if self.depth > 0:
+                self.depth += opaque
+                return None
+            with self.bookkeeping():
+                if opaque:
                     node = self.add_node("module", name, type(module), args, kwargs)
-                self.pending.setdefault(id(module), []).append(node)
-            self.depth += 1
+                    self.depth = 1
+                else:
+                    node = self.make_node("module", name, type(module), args, kwargs, -1)
+                    node.transparent = True
+                    self.scopes.append(name)
+            self.pending.setdefault(id(module), []).append(node)
             return None
         return hook
 
-    def post_hook(self, name: str):
+    def post_hook(self, name: str, opaque: bool):
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any):
-            self.depth -= 1
-            if self.depth == 0:
-                node = self.pending[id(module)].pop()
-                with self.bookkeeping():
+            if self.depth > 1 or (self.depth == 1 and not opaque):
+                self.depth -= opaque
+                return None
+            node = self.pending[id(module)].pop()
+            with self.bookkeeping():
+                if opaque:
+                    self.depth = 0
                     self.finish_node(node, output)
+                else:
+                    self.scopes.pop()
+                    node.outputs = [self.value_of[id(t)] if id(t) in self.value_of else self.new_value(t, -1)
+                                    for t in _flatten_tensors(output)]
+                    self.calls.append(node)
             return None
         return hook
 
@@ -220,10 +227,11 @@ def trace(model: nn.Module, inputs: Tuple[Any, ...], time_limit: Optional[float]
     module_types = {name: type(m) for name, m in model.named_modules()}
     try:
         for name, module in model.named_modules():
-            if not name or not _is_opaque(module):
+            if not name:
                 continue
-            handles.append(module.register_forward_pre_hook(recorder.pre_hook(name), with_kwargs=True))
-            handles.append(module.register_forward_hook(recorder.post_hook(name), with_kwargs=True))
+            opaque = module_op(module) is not None
+            handles.append(module.register_forward_pre_hook(recorder.pre_hook(name, opaque), with_kwargs=True))
+            handles.append(module.register_forward_hook(recorder.post_hook(name, opaque), with_kwargs=True))
         model.eval()
         input_ids = [recorder.new_value(t, -1) for t in _flatten_tensors(inputs)]
         if not input_ids:
@@ -249,4 +257,4 @@ def trace(model: nn.Module, inputs: Tuple[Any, ...], time_limit: Optional[float]
             m.training = flag
     return Dataflow(nodes=recorder.nodes, values=recorder.values, input_ids=input_ids,
                     output_ids=output_ids, module_types=module_types,
-                    external_values=recorder.externals)
+                    external_values=recorder.externals, transparent_calls=recorder.calls)

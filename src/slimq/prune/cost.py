@@ -13,12 +13,13 @@ __all__ = ["layer_costs"]
 
 def layer_costs(model: nn.Module, df: Dataflow) -> Dict[str, Tuple[int, int]]:
     """{module name: (MACs per input sample, parameters)} for every Conv/ConvTranspose/Linear
-    called in ``df``. Output sizes come from the trace; channel counts from the modules as they
-    are now, so calling it again after pruning gives the pruned costs."""
+    called in ``df`` (recorded as one node or traced through, like ``Conv2dSame``). Output sizes
+    come from the trace; channel counts from the modules as they are now, so calling it again
+    after pruning gives the pruned costs."""
     modules = dict(model.named_modules())
     batch = df.values[df.input_ids[0]].shape[0] if df.input_ids and df.values[df.input_ids[0]].shape else 1
     out: Dict[str, Tuple[int, int]] = {}
-    for node in df.iter_nodes("module"):
+    for node in df.iter_module_calls():
         m = modules.get(node.target)
         if m is None or not node.outputs or not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             continue

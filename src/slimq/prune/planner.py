@@ -17,7 +17,7 @@ from ..errors import ConfigError, RecordError
 from ..graph.channels import ChannelGroup, Member
 from ..record.store import ChannelPruneInfo, PruneNodeInfo
 from .importance import balanced_l2_scores, group_scores, kept_count, select_removed
-from .surgery import is_depthwise, surgery_for
+from .surgery import apply_keep, can_slice, channel_width, consumer_role, is_channelwise
 
 __all__ = ["GroupDecision", "PruneDecision", "decide", "to_records", "apply_records", "annotate_plan"]
 
@@ -81,8 +81,7 @@ def decide(groups: Sequence[ChannelGroup], plan: CompressionPlan, modules: Dict[
             continue
         ratio = min(s.ratio for s in specs)
         ascend = any(s.ascend_optimized for s in specs)
-        scores = group_scores([balanced_l2_scores(modules[p].weight) for p in g.producers])
-        removed = select_removed(scores, ratio, ascend, g.parts)
+        removed = select_removed(_group_scores(g, modules), ratio, ascend, g.parts)
         if not removed:
             keep = kept_count(g.size, ratio, ascend, g.parts)
             for p in g.producers:
@@ -92,6 +91,29 @@ def decide(groups: Sequence[ChannelGroup], plan: CompressionPlan, modules: Dict[
             continue
         out.pruned.append(GroupDecision(g, ratio, tuple(removed)))
     return out
+
+
+def _group_scores(g: ChannelGroup, modules: Dict[str, nn.Module]) -> torch.Tensor:
+    """BalancedL2Norm of every producer (normalised over all its rows), mapped onto the group's
+    channels through its output members, then averaged. A producer whose rows were split across
+    groups (``x + cat([a, b])`` with ``x`` from one conv) contributes the rows it has here."""
+    per_producer: Dict[str, torch.Tensor] = {}
+    per: List[torch.Tensor] = []
+    for m in g.members:
+        if m.role != "out":
+            continue
+        if m.module not in per_producer:
+            per_producer[m.module] = balanced_l2_scores(modules[m.module].weight)
+        if (m.start, m.length) == (0, g.size):
+            per.append(per_producer[m.module][m.begin:m.begin + m.length])
+            continue
+        row = torch.full((g.size,), float("nan"), dtype=torch.float64)
+        row[m.start:m.start + m.length] = per_producer[m.module][m.begin:m.begin + m.length]
+        per.append(row)
+    stacked = torch.stack([p.double() for p in per])
+    if not torch.isnan(stacked).any():
+        return group_scores(per)
+    return stacked.nansum(dim=0) / (~torch.isnan(stacked)).sum(dim=0).clamp(min=1)
 
 
 def _member_indices(m: Member, removed: Sequence[int]) -> List[int]:
@@ -118,21 +140,7 @@ def to_records(decision: PruneDecision) -> List[ChannelPruneInfo]:
 
 
 def _role(module: nn.Module, producer: bool) -> str:
-    if producer:
-        return "out"
-    if is_depthwise(module) or isinstance(module, (nn.modules.batchnorm._NormBase, nn.PReLU)):
-        return "channel"
-    return "in"
-
-
-def _width(module: nn.Module, role: str) -> int:
-    if isinstance(module, nn.Linear):
-        return module.out_features if role == "out" else module.in_features
-    if isinstance(module, nn.modules.batchnorm._NormBase):
-        return module.num_features
-    if isinstance(module, nn.PReLU):
-        return module.num_parameters
-    return module.out_channels if role in ("out", "channel") else module.in_channels
+    return "out" if producer else consumer_role(module)
 
 
 def apply_records(model: nn.Module, records: Sequence[ChannelPruneInfo], source: str = "record") -> None:
@@ -148,12 +156,12 @@ def apply_records(model: nn.Module, records: Sequence[ChannelPruneInfo], source:
         for infos, producer in ((rec.producers, True), (rec.consumers, False)):
             for info in infos:
                 m = modules.get(info.name)
-                if m is None or surgery_for(m) is None or (info.type and info.type != type(m).__name__):
+                role = _role(m, producer) if m is not None else ""
+                if m is None or not can_slice(m, role) or (info.type and info.type != type(m).__name__):
                     found = type(m).__name__ if m is not None else "nothing"
                     raise RecordError(f"{source}: prune record names '{info.name}' ({info.type}) but the "
                                       f"model has {found} there; the record file belongs to another model")
-                role = _role(m, producer)
-                width = _width(m, role)
+                width = channel_width(m, role) or 0
                 bad = [i for i in info.prune_index if not info.begin <= i < min(info.end, width)]
                 if info.end > width or bad:
                     raise RecordError(f"{source}: prune record for '{info.name}' covers channels "
@@ -163,26 +171,48 @@ def apply_records(model: nn.Module, records: Sequence[ChannelPruneInfo], source:
     with torch.no_grad():
         for (name, role), removed in sorted(removal.items(), key=lambda kv: kv[0][1] != "out"):
             m = modules[name]
-            keep = [i for i in range(_width(m, role)) if i not in removed]
+            keep = [i for i in range(channel_width(m, role) or 0) if i not in removed]
             if not keep:
                 raise RecordError(f"{source}: prune records remove every channel of '{name}'")
-            getattr(surgery_for(m), f"keep_{role if role != 'channel' else 'channels'}")(m, keep)
+            apply_keep(m, role, keep, source)
+
+
+def _producer_notes(decision: PruneDecision) -> Dict[str, str]:
+    """'channels C -> K' per pruned producer, summed over the groups its rows belong to."""
+    total: Dict[str, List[int]] = {}
+    for d in decision.pruned:
+        removed = set(d.removed)
+        for m in d.group.members:
+            if m.role == "out":
+                t = total.setdefault(m.module, [0, 0, 0])
+                gone = sum(1 for i in range(m.start, m.start + m.length) if i in removed)
+                t[0] += m.length
+                t[1] += m.length - gone
+                t[2] += 1
+    return {p: f"channels {c} -> {k}" + (f" (in {n} pieces)" if n > 1 else
+                                         f" (group of {len(_group_of(decision, p).group.producers)} producer(s))")
+            for p, (c, k, n) in total.items()}
+
+
+def _group_of(decision: PruneDecision, producer: str) -> GroupDecision:
+    return next(d for d in decision.pruned if producer in d.group.producers)
 
 
 def annotate_plan(plan: CompressionPlan, decision: PruneDecision,
                   modules: Optional[Dict[str, nn.Module]] = None) -> CompressionPlan:
     """The plan with pruning outcomes in each layer's notes (and no prune spec where blocked)."""
-    kept = {p: d for d in decision.pruned for p in d.group.producers}
+    kept = _producer_notes(decision)
     followers = {m.module: d for d in decision.pruned for m in d.group.members if m.role == "channel"}
     layers: List[LayerPlan] = []
     for lp in plan.layers:
         if lp.prune is None:
             layers.append(lp)
         elif lp.name in kept:
-            d = kept[lp.name]
-            layers.append(replace(lp, notes=lp.notes + (
-                f"channels {d.group.size} -> {d.kept} (group of {len(d.group.producers)} producer(s))",)))
-        elif lp.name in followers or (modules is not None and is_depthwise(modules.get(lp.name))):
+            note = kept[lp.name]
+            if lp.name in decision.blocked:
+                note += f"; some of its channels stay: {decision.blocked[lp.name]}"
+            layers.append(replace(lp, notes=lp.notes + (note,)))
+        elif lp.name in followers or (modules is not None and is_channelwise(modules.get(lp.name))):
             d = followers.get(lp.name)
             follow = f"{d.group.size} -> {d.kept}" if d is not None else "unchanged"
             layers.append(replace(lp, prune=None, notes=lp.notes + (

@@ -1,32 +1,30 @@
-"""Physical channel removal, one class per layer family ("how to cut").
+"""Physical channel removal ("how to cut").
 
-Each surgery keeps the given indices of one axis and fixes the module attributes, so the pruned
-model is an ordinary ``nn.Module``. ``keep_out`` slices a producer's output channels,
-``keep_in`` a consumer's input channels, ``keep_channels`` a per-channel layer (BatchNorm,
-depthwise conv, PReLU) on both sides at once.
+Which tensors of a layer hold its channels is said once, in ``graph.members.channel_tensors``:
+the analysis proves its groups against that description and this module cuts by it, so a
+record always re-applies exactly. Each tensor keeps the given indices along its channel dim
+(grouped conv weights per group), then the width attributes of the layer family are updated
+(``out_channels``, ``num_features``, ...), so the pruned model is an ordinary ``nn.Module``
+whose own forward keeps working. Modules outside ``torch.nn`` (a layer scale) only have their
+per-channel tensors sliced.
 """
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import List, Mapping, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SURGERY", "surgery_for", "is_depthwise"]
+from ..errors import RecordError
+from ..graph.members import channel_tensors, channel_width, consumer_role, is_channelwise, is_depthwise
 
-
-def _param(old: Optional[nn.Parameter], value: Tensor) -> nn.Parameter:
-    """``value`` is fresh memory (index_select / cat), so it is wrapped without a copy."""
-    return nn.Parameter(value.detach().contiguous(), requires_grad=old.requires_grad if old is not None else True)
+__all__ = ["ATTRIBUTES", "apply_keep", "can_slice", "consumer_role", "channel_width", "is_channelwise",
+           "is_depthwise"]
 
 
 def _index(keep: Sequence[int], device: torch.device) -> Tensor:
     return torch.as_tensor(list(keep), dtype=torch.long, device=device)
-
-
-def is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
 def _grouped_columns(weight: Tensor, groups: int, in_channels: int, keep: Sequence[int], dim: int) -> Tensor:
@@ -43,110 +41,81 @@ def _grouped_columns(weight: Tensor, groups: int, in_channels: int, keep: Sequen
     return torch.cat(chunks, dim=rows_dim)
 
 
-def _keep_rows(m: nn.Module, keep: Sequence[int]) -> None:
-    """Keep output rows ``keep`` of weight (dim 0) and bias."""
-    idx = _index(keep, m.weight.device)
-    m.weight = _param(m.weight, m.weight.index_select(0, idx))
-    if m.bias is not None:
-        m.bias = _param(m.bias, m.bias.index_select(0, idx))
+def _sliced(m: nn.Module, attr: str, dim: int, role: str, keep: Sequence[int]) -> Tensor:
+    t = getattr(m, attr)
+    grouped = (role == "in" and attr == "weight" and isinstance(m, nn.modules.conv._ConvNd)
+               and not isinstance(m, nn.modules.conv._ConvTransposeNd) and m.groups > 1)
+    if grouped:
+        return _grouped_columns(t, m.groups, m.in_channels, keep, dim=1)
+    return t.index_select(dim, _index(keep, t.device))
 
 
-class ConvSurgery:
-    """Conv1d/2d/3d: weight ``[C_out, C_in/groups, *k]``."""
-
-    @staticmethod
-    def keep_out(m: nn.Module, keep: Sequence[int]) -> None:
-        _keep_rows(m, keep)
-        m.out_channels = len(keep)
-
-    @staticmethod
-    def keep_in(m: nn.Module, keep: Sequence[int]) -> None:
-        if m.groups == 1:
-            w = m.weight.index_select(1, _index(keep, m.weight.device))
-        else:
-            w = _grouped_columns(m.weight, m.groups, m.in_channels, keep, dim=1)
-        m.weight = _param(m.weight, w)
-        m.in_channels = len(keep)
-
-    @staticmethod
-    def keep_channels(m: nn.Module, keep: Sequence[int]) -> None:  # depthwise
-        ConvSurgery.keep_out(m, keep)
-        m.in_channels = m.groups = len(keep)
+def _store(m: nn.Module, attr: str, value: Tensor) -> None:
+    """Replace a parameter (fresh memory, so no copy) or a buffer, keeping its flags."""
+    old = getattr(m, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(m, attr, nn.Parameter(value.detach().contiguous(), requires_grad=old.requires_grad))
+    else:
+        setattr(m, attr, value.contiguous())
 
 
-class ConvTransposeSurgery:
-    """ConvTranspose: weight ``[C_in, C_out/groups, *k]``; only input channels are pruned."""
-
-    @staticmethod
-    def keep_out(m: nn.Module, keep: Sequence[int]) -> None:
-        raise NotImplementedError("transposed conv outputs are not pruned")
-
-    @staticmethod
-    def keep_in(m: nn.Module, keep: Sequence[int]) -> None:
-        # rows are the global input channels, grouped or not (groups stay even: see planner)
-        m.weight = _param(m.weight, m.weight.index_select(0, _index(keep, m.weight.device)))
-        m.in_channels = len(keep)
-
-    keep_channels = keep_out
+def _conv_width(m: nn.Module, role: str, n: int) -> None:
+    if role == "out":
+        m.out_channels = n
+    elif role == "in":
+        m.in_channels = n
+    else:  # depthwise, n output rows: k per kept input channel
+        mult = m.out_channels // m.in_channels
+        m.out_channels = n
+        m.in_channels = m.groups = n // mult
 
 
-class LinearSurgery:
-    """Linear: weight ``[out_features, in_features]``."""
-
-    @staticmethod
-    def keep_out(m: nn.Module, keep: Sequence[int]) -> None:
-        _keep_rows(m, keep)
-        m.out_features = len(keep)
-
-    @staticmethod
-    def keep_in(m: nn.Module, keep: Sequence[int]) -> None:
-        m.weight = _param(m.weight, m.weight.index_select(1, _index(keep, m.weight.device)))
-        m.in_features = len(keep)
-
-    keep_channels = keep_out
+def _linear_width(m: nn.Module, role: str, n: int) -> None:
+    if role == "out":
+        m.out_features = n
+    else:
+        m.in_features = n
 
 
-class NormSurgery:
-    """BatchNorm/InstanceNorm: per-channel affine parameters and running statistics."""
-
-    @staticmethod
-    def keep_channels(m: nn.Module, keep: Sequence[int]) -> None:
-        device = next((t.device for t in (m.weight, m.running_mean) if t is not None), torch.device("cpu"))
-        idx = _index(keep, device)
-        if m.weight is not None:
-            m.weight = _param(m.weight, m.weight.index_select(0, idx))
-            m.bias = _param(m.bias, m.bias.index_select(0, idx))
-        for name in ("running_mean", "running_var"):
-            buf = getattr(m, name, None)
-            if buf is not None:
-                setattr(m, name, buf.index_select(0, idx))
-        m.num_features = len(keep)
-
-    keep_out = keep_in = keep_channels
+def _norm_width(m: nn.Module, role: str, n: int) -> None:
+    m.num_features = n
 
 
-class PReLUSurgery:
-    @staticmethod
-    def keep_channels(m: nn.Module, keep: Sequence[int]) -> None:
-        if m.num_parameters > 1:
-            m.weight = _param(m.weight, m.weight.index_select(0, _index(keep, m.weight.device)))
-            m.num_parameters = len(keep)
-
-    keep_out = keep_in = keep_channels
+def _group_norm_width(m: nn.Module, role: str, n: int) -> None:
+    m.num_channels = m.num_groups = n
 
 
-# Read-only registry, most specific family first.
-SURGERY: Mapping[type, type] = MappingProxyType({
-    nn.modules.conv._ConvTransposeNd: ConvTransposeSurgery,
-    nn.modules.conv._ConvNd: ConvSurgery,
-    nn.Linear: LinearSurgery,
-    nn.modules.batchnorm._NormBase: NormSurgery,
-    nn.PReLU: PReLUSurgery,
+def _prelu_width(m: nn.Module, role: str, n: int) -> None:
+    if m.num_parameters > 1:
+        m.num_parameters = n
+
+
+# Width attributes per torch.nn family (read-only, most specific first).
+ATTRIBUTES: Mapping[type, Callable[[nn.Module, str, int], None]] = MappingProxyType({
+    nn.modules.conv._ConvNd: _conv_width,
+    nn.Linear: _linear_width,
+    nn.modules.batchnorm._NormBase: _norm_width,
+    nn.GroupNorm: _group_norm_width,
+    nn.PReLU: _prelu_width,
 })
 
 
-def surgery_for(module: nn.Module) -> Optional[type]:
-    for family, surgery in SURGERY.items():
-        if isinstance(module, family):
-            return surgery
-    return None
+def can_slice(m: Optional[nn.Module], role: str) -> bool:
+    return channel_tensors(m, role) is not None
+
+
+def apply_keep(m: nn.Module, role: str, keep: Sequence[int], source: str = "record") -> None:
+    """Keep channels ``keep`` of ``m`` in ``role`` ("out", "in" or "channel").
+
+    Raises:
+        RecordError: ``m`` cannot be sliced in that role.
+    """
+    tensors = channel_tensors(m, role)
+    if tensors is None:
+        raise RecordError(f"{source}: {type(m).__name__} layers cannot be pruned as '{role}'")
+    for attr, dim in tensors:
+        _store(m, attr, _sliced(m, attr, dim, role, keep))
+    for family, update in ATTRIBUTES.items():
+        if isinstance(m, family):
+            update(m, role, len(keep))
+            break

@@ -1,0 +1,113 @@
+"""Which tensors of a layer hold its channels: the one description the analysis checks its
+proofs against and ``prune.surgery`` cuts by.
+
+``channel_tensors(module, role)`` lists ``(attribute, dim)`` for every parameter or buffer that
+holds one entry per channel of ``role``: ``"out"`` (a producer's output channels), ``"in"``
+(a consumer's input channels) or ``"channel"`` (a layer that passes channels through:
+BatchNorm, depthwise conv, a per-channel scale). It is a function of the module alone, so
+``restore`` re-applies a record without re-deriving anything from the trace.
+
+Beyond the standard tensors of each family, a **channel vector** (a direct tensor with exactly
+one dim larger than 1) is sliced too: along dim 0 as an output-channel vector of a Conv/Linear
+(``ScaledStdConv2d.gain``, ``[C_out, 1, 1, 1]``), along dim 1 as an input-channel vector, and
+along its only dim for any other module (``LayerScale.gamma``, ``Affine.alpha`` ``[1, 1, C]``).
+"""
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["channel_tensors", "consumer_role", "channel_width", "is_channelwise", "is_depthwise", "vector_dim"]
+
+_STANDARD = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def is_channelwise(m: Optional[nn.Module]) -> bool:
+    """A depthwise conv, possibly with a channel multiplier: input channel i alone makes output
+    channels ``[i * k, (i + 1) * k)``, ``k = out_channels / in_channels``."""
+    return (isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd)
+            and m.groups > 1 and m.groups == m.in_channels and m.out_channels % m.in_channels == 0)
+
+
+def is_depthwise(m: Optional[nn.Module]) -> bool:
+    return is_channelwise(m) and m.in_channels == m.out_channels
+
+
+def vector_dim(t: torch.Tensor) -> Optional[int]:
+    """The only dim of ``t`` larger than 1, or None."""
+    big = [i for i, s in enumerate(t.shape) if s > 1]
+    return big[0] if len(big) == 1 else None
+
+
+def _direct(m: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    for name, t in list(m._parameters.items()) + list(m._buffers.items()):
+        if t is not None:
+            yield name, t
+
+
+def _extras(m: nn.Module, dim: int, width: int) -> List[Tuple[str, int]]:
+    """Channel vectors beyond the standard tensors, along ``dim`` with ``width`` entries."""
+    return [(n, dim) for n, t in _direct(m) if n not in _STANDARD and vector_dim(t) == dim
+            and t.shape[dim] == width]
+
+
+def _own(m: nn.Module, *names: str) -> List[Tuple[str, int]]:
+    return [(n, 0) for n in names if getattr(m, n, None) is not None]
+
+
+def consumer_role(m: nn.Module) -> str:
+    """The role of a module that does not produce the group's channels."""
+    if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not is_channelwise(m):
+        return "in"
+    return "channel"
+
+
+def channel_tensors(m: Optional[nn.Module], role: str) -> Optional[Tuple[Tuple[str, int], ...]]:
+    """``(attribute, dim)`` of every tensor of ``m`` that holds one entry per channel of
+    ``role``; None when ``m`` cannot be sliced in that role."""
+    if m is None:
+        return None
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return (("weight", 0),) if role == "in" else None
+    if isinstance(m, nn.modules.conv._ConvNd):
+        if role == "in":
+            return None if is_channelwise(m) else (("weight", 1), *_extras(m, 1, m.in_channels))
+        if role == "channel" and not is_channelwise(m):
+            return None
+        return (*_own(m, "weight", "bias"), *_extras(m, 0, m.out_channels))
+    if isinstance(m, nn.Linear):
+        if role == "in":
+            return (("weight", 1), *_extras(m, 1, m.in_features))
+        return (*_own(m, "weight", "bias"), *_extras(m, 0, m.out_features)) if role == "out" else None
+    if role == "out":
+        return None
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        return tuple(_own(m, "weight", "bias", "running_mean", "running_var"))
+    if isinstance(m, nn.GroupNorm):
+        return tuple(_own(m, "weight", "bias")) if m.num_groups == m.num_channels else None
+    if isinstance(m, nn.PReLU):
+        return (("weight", 0),) if m.num_parameters > 1 else ()
+    vectors = [(n, vector_dim(t), t.shape[vector_dim(t)]) for n, t in _direct(m) if vector_dim(t) is not None]
+    if len({w for _, _, w in vectors}) > 1:
+        return None  # two channel widths: the record could not say which one a group cuts
+    return tuple((n, d) for n, d, _ in vectors)
+
+
+def channel_width(m: nn.Module, role: str) -> Optional[int]:
+    """The number of channels of ``m`` in ``role`` (None when it has none)."""
+    if isinstance(m, nn.Linear):
+        return m.out_features if role == "out" else m.in_features
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.out_channels if role in ("out", "channel") else m.in_channels
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        return m.num_features
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels
+    if isinstance(m, nn.PReLU) and m.num_parameters > 1:
+        return m.num_parameters
+    tensors = channel_tensors(m, role) or ()
+    for attr, dim in tensors:
+        return getattr(m, attr).shape[dim]
+    return None
