@@ -23,7 +23,7 @@ from .export.writer import ExportReport, export_models
 from .graph.channels import channel_groups
 from .graph.dataflow import Dataflow
 from .graph.trace import trace
-from .nn.replace import calibrate, insert_compressed_layers
+from .nn.replace import calibrate, insert_compressed_layers, output_points
 from .prune import PruneDecision, annotate_plan, apply_records, decide, layer_costs, to_records
 from .prune.check import check_pruned
 from .record.collector import RecordCollector, is_writer_rank
@@ -117,7 +117,7 @@ def _compress(job: _Job, record: Record, record_path: str, masks=None, restoring
         prunes = record.channel_prunes()
         check_pruned(job.model, job.inputs, job.df, prunes, lambda m, i: calibrate(m, i, layers))
     if layers:
-        collector = RecordCollector(record_path, record, layers, job.plan.batch_num)
+        collector = RecordCollector(record_path, record, layers, job.plan.batch_num, output_points(job.model))
         collector.record_masks()  # the 2:4 masks are in the record from the start
         collector.attach(job.model)
     return job.model

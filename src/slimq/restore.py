@@ -18,7 +18,7 @@ from torch import nn
 from .config.plan import CompressionPlan
 from .errors import CheckpointError, RecordError
 from .prune.planner import PruneDecision
-from .record.store import OUTPUT_SUFFIX, Record
+from .record.store import Record, point_module
 
 __all__ = ["load_checkpoint", "load_state", "check_record_agrees", "names_in"]
 
@@ -147,7 +147,7 @@ def check_record_agrees(record: Record, plan: CompressionPlan, decision: PruneDe
 
 
 def _check_quant(record: Record, plan: CompressionPlan, record_path: str) -> None:
-    recorded = [n for n in record.quant_layers() if not n.endswith(OUTPUT_SUFFIX)]
+    recorded = [n for n in record.quant_layers() if point_module(n) is None]
     if not recorded:
         return  # factors are written at the first eval: a record from before that has none yet
     planned = {lp.name: lp for lp in plan.quantized}
@@ -165,7 +165,7 @@ def _check_quant(record: Record, plan: CompressionPlan, record_path: str) -> Non
 
 def names_in(record: Record) -> List[str]:
     """Every layer name a record entry refers to."""
-    named = [n[:-len(OUTPUT_SUFFIX)] if n.endswith(OUTPUT_SUFFIX) else n for n in record.quant_layers()]
+    named = [point_module(n) or n for n in record.quant_layers()]
     named += list(record.selective_masks())
     named += [n.name for g in record.channel_prunes() for n in g.producers + g.consumers]
     return named

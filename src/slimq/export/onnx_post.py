@@ -110,8 +110,55 @@ def _expand_wide(model: onnx.ModelProto) -> None:
     model.opset_import.extend(keep)
 
 
+_MOVES_VALUES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+
+
+def quantize_before_reshapes(model: onnx.ModelProto) -> int:
+    """``Flatten -> QuantizeLinear`` (per-tensor) becomes ``QuantizeLinear -> Flatten``: the same
+    numbers (quantization is elementwise), but the QuantizeLinear now sits right after the op
+    before the Flatten, which lets ONNX Runtime fuse that op (a GlobalAveragePool) into INT8.
+    Returns how many were moved."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in model.graph.initializer}
+    moves = []
+    for q in model.graph.node:
+        if q.op_type != "QuantizeLinear":
+            continue
+        r = producer.get(q.input[0])
+        scale = inits.get(q.input[1])
+        if r is None or r.op_type not in _MOVES_VALUES or len(readers.get(r.output[0], [])) != 1:
+            continue
+        if scale is None or list(scale.dims) not in ([], [1]) or any(i not in inits for i in q.input[1:]):
+            continue  # per-tensor, with constant scale and zero point (nothing else to move along)
+        moves.append((q, r))
+    for q, r in moves:
+        source, out = r.input[0], q.output[0]
+        q.input[0], q.output[0] = source, f"{out}_before_{r.op_type.lower()}"
+        r.input[0], r.output[0] = q.output[0], out
+    if moves:  # each moved QuantizeLinear now runs right before the reshape it feeds
+        before = {id(r): q for q, r in moves}
+        moved_ids = {id(q) for q, _ in moves}
+        nodes = []
+        for n in model.graph.node:
+            if id(n) in moved_ids:
+                continue
+            if id(n) in before:
+                nodes.append(before[id(n)])
+            nodes.append(n)
+        copies = [onnx.NodeProto() for _ in nodes]
+        for c, n in zip(copies, nodes):
+            c.CopyFrom(n)
+        del model.graph.node[:]
+        model.graph.node.extend(copies)
+    return len(moves)
+
+
 def finish(path: Path, opset: Optional[int] = None, int4: Sequence[str] = (),
-           external: bool = False, prefix: str = "") -> None:
+           external: bool = False, prefix: str = "", quantized_graph: bool = False) -> None:
     """Post-process the exported file at ``path`` in place, then check it.
 
     Raises:
@@ -129,6 +176,8 @@ def finish(path: Path, opset: Optional[int] = None, int4: Sequence[str] = (),
             raise ExportError(f"converting the exported model to ONNX opset {opset} (needed for INT4/INT16 "
                               f"storage) failed: {exc}") from exc
     _expand_wide(model)
+    if quantized_graph:
+        quantize_before_reshapes(model)
     if int4:
         _pack_int4(model, list(int4))
     data = path.with_name(path.name + ".data")

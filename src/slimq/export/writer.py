@@ -28,7 +28,8 @@ from .._calls import ModelInputs, call, eval_mode, flatten_tensors
 from .._io import FileTransaction
 from ..errors import ExportError, SlimqError
 from ..nn.modules import CompressedLayer, iter_compressed
-from ..nn.replace import FoldedIntoLayer
+from ..nn.replace import ENTRY_ATTR, POINT_ATTR, FoldedIntoLayer, output_points
+from ..quant.quantizers import ActQuantizer
 from ..record.collector import RecordCollector, check_finite
 from ..record.store import Record
 from . import onnx_post
@@ -138,8 +139,9 @@ def _nest_names(base: str, obj: Any) -> List[str]:
 def _reference_and_factors(work: nn.Module, inputs: ModelInputs, record: Record,
                            layers: Mapping[str, CompressedLayer]) -> List[np.ndarray]:
     """One eval forward: PyTorch's outputs, and every factor/mask into ``record``."""
-    check_finite(layers)
-    collector = RecordCollector(None, record, layers, rounds=1)
+    owned = output_points(work)
+    check_finite(layers, owned)
+    collector = RecordCollector(None, record, layers, rounds=1, points=owned)
     collector.attach(work)
     try:
         with eval_mode(work):
@@ -170,10 +172,19 @@ def _swapped(work: nn.Module, replacements: Mapping[str, nn.Module]) -> Iterator
 
 
 def _stand_ins(target: str, layers: Mapping[str, CompressedLayer], forms: Mapping[str, Any],
-               options: Mapping[str, Any]) -> Dict[str, nn.Module]:
+               points: Mapping[str, ActQuantizer], options: Mapping[str, Any]) -> Dict[str, nn.Module]:
+    """{module name: stand-in}: every compressed layer, and every output point's quantizer."""
     build = TARGETS[target]
-    return {name: (build(layer, forms[name], **options) if layer.quantized else plain_float_layer(layer))
-            for name, layer in layers.items()}
+    out = {name: (build.layer(layer, forms[name], **options) if layer.quantized else plain_float_layer(layer))
+           for name, layer in layers.items()}
+    out.update({name: build.act(q.grid()) for name, q in points.items()})
+    return out
+
+
+def _point_quantizers(work: nn.Module) -> Dict[str, ActQuantizer]:
+    """{module path: quantizer} of every output point (see ``nn.replace``)."""
+    return {f"{name}.{attr}": m._modules[attr] for name, m in work.named_modules()
+            for attr in (POINT_ATTR, ENTRY_ATTR) if isinstance(m._modules.get(attr), ActQuantizer)}
 
 
 def float_layers(work: nn.Module) -> List[str]:
@@ -182,7 +193,7 @@ def float_layers(work: nn.Module) -> List[str]:
     out: List[str] = []
     inside = tuple(f"{n}." for n, m in work.named_modules() if isinstance(m, CompressedLayer))
     for name, m in work.named_modules():
-        if not name or isinstance(m, (CompressedLayer, FoldedIntoLayer)) or name.startswith(inside):
+        if not name or isinstance(m, (CompressedLayer, FoldedIntoLayer, ActQuantizer)) or name.startswith(inside):
             continue
         if any(True for _ in m.parameters(recurse=False)) or any(
                 b.is_floating_point() for b in m.buffers(recurse=False)):
@@ -258,6 +269,7 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
     work, notes = _export_copy(model)
     inputs = _float32(inputs)
     layers = dict(iter_compressed(work))
+    points = _point_quantizers(work)
     reference = _reference_and_factors(work, inputs, record, layers)
     forms = {n: layer.integer_form() for n, layer in layers.items() if layer.quantized}
     wide = any(needs_opset21(f) for f in forms.values())
@@ -277,12 +289,12 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
             final = Path(f"{save_path}_{target}_model.onnx")
             staged[target] = tx.path(final)
             try:
-                with _swapped(work, _stand_ins(target, layers, forms, options)), torch.no_grad():
+                with _swapped(work, _stand_ins(target, layers, forms, points, options)), torch.no_grad():
                     EXPORTERS[kind](wrapper, tensors, staged[target], in_names, output_names, dynamic_axes,
                                     ONNX_OPSET)
                     int4 = int4_initializers(work)
                 onnx_post.finish(staged[target], opset=OPSET_WIDE if wide else None, int4=int4,
-                                 external=external, prefix="model.")
+                                 external=external, prefix="model.", quantized_graph=target != "fake_quant")
             except SlimqError:
                 raise
             except Exception as exc:

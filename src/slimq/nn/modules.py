@@ -107,6 +107,7 @@ class CompressedLayer(nn.Module):
     """
 
     layer_name: str
+    act_shared: bool = False  # the input arrives on this layer's grid (quantized where it is made)
 
     def output_channel_dim(self, y: Tensor) -> int:
         if isinstance(self, nn.Linear):
@@ -140,7 +141,7 @@ class CompressedLayer(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.act_quant is not None and not self.training:
             return self._eval_forward(x, *args, **kwargs)
-        if self.act_quant is not None:
+        if self.act_quant is not None and not self.act_shared:
             x = self.act_quant(x)
         y = layer_compute(self, x, self.quantized_weight(), self.bias, *args, **kwargs)
         if self.bn is not None:

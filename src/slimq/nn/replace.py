@@ -6,6 +6,7 @@ stood, so the model's own forward still calls it and the layer computes ``bn(con
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -13,17 +14,19 @@ import torch.distributed as dist
 from torch import nn
 
 from .._calls import ModelInputs, call, eval_mode
-from ..config.plan import CompressionPlan
+from ..config.plan import ActQuantSpec, CompressionPlan
 from ..errors import RecordError
 from ..graph.dataflow import Dataflow
 from ..graph.facts import foldable_batchnorms, unread_conv_outputs
+from ..graph.int8 import Int8Plan, OutputPoint, int8_points
 from ..quant.quantizers import ActQuantizer
-from ..record.store import SelectiveMaskInfo
+from ..record.store import INPUT_SUFFIX, OUTPUT_SUFFIX, SelectiveMaskInfo, point_module
 from ..sparsity import Sparse24Mask, in_channel_axis
 from .modules import CompressedLayer, compress_module
 
-__all__ = ["FoldedIntoLayer", "ModuleIndex", "FOLDABLE_BATCHNORMS", "insert_compressed_layers",
-           "calibrate"]
+__all__ = ["FoldedIntoLayer", "ModuleIndex", "FOLDABLE_BATCHNORMS", "OutputQuantHook", "InputQuantHook",
+           "POINT_ATTR", "ENTRY_ATTR",
+           "insert_compressed_layers", "calibrate", "output_points"]
 
 # BatchNorms folded into the preceding quantized layer (exact classes: a subclass may compute
 # something else in its forward).
@@ -80,9 +83,11 @@ def insert_compressed_layers(model: nn.Module, plan: CompressionPlan, df: Datafl
         RecordError: ``masks`` lacks a planned 2:4 layer or has another shape.
     """
     modules = dict(model.named_modules())
-    bn_of = foldable_batchnorms(df, modules)
+    bn_of = {k: v for k, v in foldable_batchnorms(df, modules).items() if type(modules[v]) in FOLDABLE_BATCHNORMS}
     quantized = {lp.name for lp in plan.quantized}
     outputs = unread_conv_outputs(df, quantized, bn_of, modules) if plan.conv_outputs else set()
+    int8 = int8_points(df, quantized, outputs, bn_of) if plan.conv_outputs and quantized else Int8Plan([], {}, set())
+    outputs -= int8.relu_folded
     index = ModuleIndex(model)
     layers: Dict[str, CompressedLayer] = {}
     for lp in plan:
@@ -101,14 +106,96 @@ def insert_compressed_layers(model: nn.Module, plan: CompressionPlan, df: Datafl
             index.replace(bn, FoldedIntoLayer(lp.name))
         index.replace(old, new)
         layers[lp.name] = new
+    _attach_points(model, plan, int8, layers)
     return layers
 
 
-def _act_quantizers(layers: Mapping[str, CompressedLayer]) -> List[ActQuantizer]:
-    out = []
-    for layer in layers.values():
-        out += [q for q in (layer.act_quant, layer.out_quant) if q is not None]
-    return out
+class OutputQuantHook:
+    """Forward hook that quantizes a module's output with its ``slimq_out_quant`` child (looked up
+    at call time, so an export copy can swap the quantizer for a target's stand-in)."""
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        q = module._modules.get(POINT_ATTR)
+        return q(output) if q is not None and isinstance(output, torch.Tensor) else None
+
+
+class InputQuantHook:
+    """Forward pre-hook that quantizes a module's first input with its ``slimq_in_quant`` child."""
+
+    def __call__(self, module: nn.Module, args: Any) -> Any:
+        q = module._modules.get(ENTRY_ATTR)
+        if q is None or not args or not isinstance(args[0], torch.Tensor):
+            return None
+        return (q(args[0]),) + tuple(args[1:])
+
+
+POINT_ATTR = "slimq_out_quant"
+ENTRY_ATTR = "slimq_in_quant"
+
+
+def _default_spec(plan: CompressionPlan, fixed_min: bool) -> ActQuantSpec:
+    """The activation spec of a point with a quantizer of its own: the plan's usual width."""
+    specs = [lp.act for lp in plan.quantized]
+    bits = Counter(s.bits for s in specs).most_common(1)[0][0] if specs else 8
+    return ActQuantSpec(bits=bits, fixed_min=fixed_min, fp16_scale=any(s.fp16_scale for s in specs))
+
+
+def _same_grid(q: ActQuantizer, spec: ActQuantSpec) -> bool:
+    return (q.bits, q.fixed_min, q.fp16_scale) == (spec.bits, bool(spec.fixed_min), spec.fp16_scale)
+
+
+def _attach_points(model: nn.Module, plan: CompressionPlan, int8: Int8Plan,
+                   layers: Mapping[str, CompressedLayer]) -> None:
+    """Quantize the outputs the INT8 plan names (see :mod:`slimq.graph.int8`), in place."""
+    by_module = {p.module: p for p in int8.points}
+    quantizers: Dict[str, ActQuantizer] = {}
+
+    def quantizer(point: OutputPoint) -> ActQuantizer:
+        if point.module in quantizers:
+            return quantizers[point.module]
+        share = point.share
+        if share in layers and layers[share].act_quant is not None:
+            q = layers[share].act_quant
+        elif share in by_module and share != point.module:
+            q = quantizer(by_module[share])
+        else:
+            key = point.module + (INPUT_SUFFIX if point.at_input else OUTPUT_SUFFIX)
+            q = ActQuantizer(_default_spec(plan, point.fixed_min), plan.batch_num, key)
+        quantizers[point.module] = q
+        return q
+
+    for point in int8.points:
+        holder = model.get_submodule(point.module)
+        if point.at_input:
+            holder.add_module(ENTRY_ATTR, quantizer(point))
+            holder.register_forward_pre_hook(InputQuantHook())
+        else:
+            holder.add_module(POINT_ATTR, quantizer(point))
+            holder.register_forward_hook(OutputQuantHook())
+    for name, module_name in int8.shared_inputs.items():
+        layer, q = layers.get(name), quantizers.get(module_name)
+        if layer is not None and layer.act_quant is not None and q is not None and _same_grid(q, plan[name].act):
+            layer.act_quant = q
+            layer.act_shared = True  # its input arrives on its grid already
+
+
+def output_points(model: nn.Module) -> Dict[str, ActQuantizer]:
+    """{record key: quantizer} of the output points with a quantizer of their own."""
+    owned = {}
+    for name, m in model.named_modules():
+        for attr in (POINT_ATTR, ENTRY_ATTR):
+            q = m._modules.get(attr)
+            if isinstance(q, ActQuantizer) and point_module(q.layer_name) == name:
+                owned[q.layer_name] = q
+    return owned
+
+
+def _act_quantizers(model: nn.Module) -> List[ActQuantizer]:
+    seen: Dict[int, ActQuantizer] = {}
+    for m in model.modules():
+        if isinstance(m, ActQuantizer):
+            seen.setdefault(id(m), m)
+    return list(seen.values())
 
 
 @torch.no_grad()
@@ -119,15 +206,16 @@ def calibrate(model: nn.Module, inputs: ModelInputs, layers: Mapping[str, Compre
 
     Under DDP rank 0's values are broadcast, so every rank evaluates alike.
     """
-    pending = [q for q in _act_quantizers(layers) if not q.is_initialized]
+    pending = [q for q in _act_quantizers(model) if not q.is_initialized]
     handles = []
-    for layer in layers.values():
-        if layer.act_quant is not None and not layer.act_quant.is_initialized:
+    for layer in layers.values():  # input quantizers are not called in eval: calibrate on the layer input
+        if layer.act_quant is not None and not layer.act_shared and not layer.act_quant.is_initialized:
             handles.append(layer.register_forward_pre_hook(
                 lambda mod, args: mod.act_quant.calibrate_(args[0])))
-        if layer.out_quant is not None and not layer.out_quant.is_initialized:
-            handles.append(layer.out_quant.register_forward_pre_hook(
-                lambda mod, args: mod.calibrate_(args[0])))
+    for q in pending:  # output quantizers and output points are called as modules
+        if any(q is layer.act_quant for layer in layers.values() if not layer.act_shared):
+            continue
+        handles.append(q.register_forward_pre_hook(lambda mod, args: mod.calibrate_(args[0])))
     warned = [q._warned for q in pending]
     for q in pending:
         q._warned = True  # the "not initialised" warning is for the user's evaluations

@@ -21,7 +21,8 @@ from ..errors import NumericalError
 from ..quant.quantizers import ShiftBitSearch
 from .store import OUTPUT_SUFFIX, QuantFactors, Record, write_record
 
-__all__ = ["RecordCollector", "is_writer_rank", "layer_factors", "output_factors", "check_finite"]
+__all__ = ["RecordCollector", "is_writer_rank", "layer_factors", "output_factors", "quantizer_factors",
+           "check_finite"]
 
 
 try:  # the eval-side work runs eagerly even inside torch.compile'd models
@@ -38,9 +39,11 @@ def is_writer_rank() -> bool:
 
 def output_factors(layer: nn.Module) -> Optional[QuantFactors]:
     """Record entry of a layer's output quantizer (activation factors only), or None."""
-    q = layer.out_quant
-    if q is None:
-        return None
+    return None if layer.out_quant is None else quantizer_factors(layer.out_quant)
+
+
+def quantizer_factors(q: nn.Module) -> QuantFactors:
+    """Record entry of an activation quantizer of its own (activation factors only)."""
     scale, offset = q.scale_offset()
     return QuantFactors(scale_d=scale, offset_d=offset, scale_w=(), offset_w=(), act_type=f"INT{q.bits}",
                         wts_type=f"INT{q.bits}", fp16_scale=q.fp16_scale)
@@ -57,16 +60,16 @@ def layer_factors(layer: nn.Module, shift_bit: Tuple[int, ...]) -> QuantFactors:
                         fp16_scale=layer.act_quant.fp16_scale)
 
 
-def check_finite(layers: Mapping[str, nn.Module]) -> None:
+def check_finite(layers: Mapping[str, nn.Module], points: Mapping[str, nn.Module] = {}) -> None:
     """Raise :class:`NumericalError` for the first layer whose quantizers saw NaN/Inf in training."""
-    for name, layer in layers.items():
-        for q in (layer.act_quant, layer.out_quant):
-            flag = getattr(q, "nonfinite", None)
-            if flag is not None and bool(flag.any()):
-                raise NumericalError(
-                    f"NaN or Inf reached quantized layer '{name}' during training (in its activations "
-                    "or in the gradient flowing back into it); lower the learning rate, check the loss "
-                    "and the data, or resume from the last good checkpoint")
+    pairs = [(name, q) for name, layer in layers.items() for q in (layer.act_quant, layer.out_quant)]
+    for name, q in pairs + list(points.items()):
+        flag = getattr(q, "nonfinite", None)
+        if flag is not None and bool(flag.any()):
+            raise NumericalError(
+                f"NaN or Inf reached quantized layer '{name}' during training (in its activations "
+                "or in the gradient flowing back into it); lower the learning rate, check the loss "
+                "and the data, or resume from the last good checkpoint")
 
 
 def _versions(layer: nn.Module) -> Tuple[Any, ...]:
@@ -86,10 +89,12 @@ class RecordCollector:
         writes: how many times this collector wrote the file.
     """
 
-    def __init__(self, path: Optional[str], record: Record, layers: Mapping[str, nn.Module], rounds: int = 1) -> None:
+    def __init__(self, path: Optional[str], record: Record, layers: Mapping[str, nn.Module], rounds: int = 1,
+                 points: Mapping[str, nn.Module] = {}) -> None:
         self.path = path
         self.record = record
         self.layers = dict(layers)
+        self.points = dict(points)  # record key ("<module>:output") -> quantizer of an output point
         self.quantized = {n: m for n, m in self.layers.items() if m.act_quant is not None}
         self.sparse = {n: m for n, m in self.layers.items() if m.sparsity is not None}
         self.rounds = max(1, int(rounds))
@@ -186,12 +191,14 @@ class RecordCollector:
 
     def gather(self) -> None:
         """Put every layer's current factors and 2:4 masks into the in-memory record."""
-        check_finite(self.quantized)
+        check_finite(self.quantized, self.points)
         for name, layer in self.quantized.items():
             self.record.set_quant(name, layer_factors(layer, self.stats[name].best()))
             out = output_factors(layer)
             if out is not None:
                 self.record.set_quant(name + OUTPUT_SUFFIX, out)
+        for key, q in self.points.items():
+            self.record.set_quant(key, quantizer_factors(q))
         self.record_masks()
 
     def flush(self) -> None:

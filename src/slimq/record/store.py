@@ -20,6 +20,8 @@ from ..errors import RecordError
 
 __all__ = [
     "OUTPUT_SUFFIX",
+    "INPUT_SUFFIX",
+    "point_module",
     "RecordMessages",
     "QuantFactors",
     "PruneNodeInfo",
@@ -33,7 +35,17 @@ __all__ = [
 ]
 
 RecordMessages = load_proto("slimq.record", "scale_offset_record.proto")
-OUTPUT_SUFFIX = ":output"  # record key of a layer's output quantizer: "<layer>:output"
+OUTPUT_SUFFIX = ":output"  # record key of a module's output quantizer: "<module>:output"
+INPUT_SUFFIX = ":input"  # record key of a quantizer on a module's input: "<module>:input"
+
+
+def point_module(key: str) -> Optional[str]:
+    """The module an ``<module>:output`` / ``<module>:input`` record key belongs to (None for a
+    quantized layer's own entry)."""
+    for suffix in (OUTPUT_SUFFIX, INPUT_SUFFIX):
+        if key.endswith(suffix):
+            return key[:-len(suffix)]
+    return None
 _Attr = RecordMessages["AttrProto"]
 
 

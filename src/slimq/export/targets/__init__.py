@@ -1,14 +1,24 @@
 """Export targets: one file each, looked up by name. A target turns a compressed layer and its
-integer form into the module that stands in for it in one ONNX file."""
+integer form into the module that stands in for it in one ONNX file, and an activation grid (an
+output point between layers) into the module that quantizes there."""
 from types import MappingProxyType
+from typing import Callable, NamedTuple
+
+from torch import nn
 
 from . import deploy, fake_quant
 from .common import plain_float_layer
 
-__all__ = ["TARGETS", "plain_float_layer"]
+__all__ = ["Target", "TARGETS", "plain_float_layer"]
 
-# target name -> stand_in(layer, form, **options); fake_quant and deploy are always written
+
+class Target(NamedTuple):
+    layer: Callable[..., nn.Module]  # (compressed layer, IntegerLayer, **options) -> stand-in
+    act: Callable[..., nn.Module]  # (Grid) -> the activation quantizer's stand-in
+
+
+# target name -> Target; fake_quant and deploy are always written
 TARGETS = MappingProxyType({
-    "fake_quant": fake_quant.stand_in,
-    "deploy": deploy.stand_in,
+    "fake_quant": Target(fake_quant.stand_in, fake_quant.act_stand_in),
+    "deploy": Target(deploy.stand_in, deploy.act_stand_in),
 })

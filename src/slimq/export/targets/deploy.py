@@ -29,7 +29,7 @@ from ...nn.folding import IntegerLayer, scale_like_weight
 from ..qdq import dequant, quant_dequant
 from .common import StandIn, build_stand_in, stand_in_classes
 
-__all__ = ["DeployLayer", "stand_in", "ACT_STORAGE", "needs_opset21"]
+__all__ = ["DeployLayer", "act_stand_in", "stand_in", "ACT_STORAGE", "needs_opset21"]
 
 # activation bits -> storage dtype of its Q/DQ
 ACT_STORAGE: Dict[int, torch.dtype] = {4: torch.uint8, 8: torch.uint8, 16: getattr(torch, "uint16", torch.int32)}
@@ -65,6 +65,8 @@ class DeployLayer(StandIn):
         linear = isinstance(self, nn.Linear)
         transposed = isinstance(self, nn.modules.conv._ConvTransposeNd)
         per_channel = form.weight.scale.numel() > 1
+        # also when the input was quantized where it was made (an output point): ONNX Runtime drops
+        # the repeated Q/DQ pair and needs this one when a Flatten sits between (QGemm)
         self.add_module("act_qdq", _ActQDQ(form.act))
         self.add_module("out_qdq", _ActQDQ(form.out) if form.out is not None else None)
         self.w_bits = form.weight.bits
@@ -89,7 +91,8 @@ class DeployLayer(StandIn):
             self.register_buffer("b_zero", torch.zeros(b_scale.shape, dtype=torch.int32))
 
     def forward(self, x: Tensor, output_size=None) -> Tensor:
-        x = self.act_qdq(x)
+        if self.act_qdq is not None:
+            x = self.act_qdq(x)
         w = self.w_float if self.float_weight else dequant(self.w_q, self.w_scale, self.w_zero, self.w_axis)
         bias = None if self.b_q is None else dequant(self.b_q, self.b_scale, self.b_zero, 0)
         if isinstance(self, nn.Linear):
@@ -114,6 +117,10 @@ _CLASSES = stand_in_classes(DeployLayer, "QDQ")
 
 def stand_in(layer: nn.Module, form: IntegerLayer, signed_weights: bool = False, **options) -> nn.Module:
     return build_stand_in(layer, _CLASSES, form, signed_weights=signed_weights)
+
+
+def act_stand_in(grid) -> nn.Module:
+    return _ActQDQ(grid)
 
 
 def int4_initializers(model: nn.Module) -> List[str]:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ...nn.folding import IntegerLayer
 from .common import StandIn, build_stand_in, stand_in_classes
 
-__all__ = ["FakeQuantLayer", "stand_in"]
+__all__ = ["FakeQuantAct", "FakeQuantLayer", "act_stand_in", "stand_in"]
 
 
 def _grid_buffers(module: nn.Module, prefix: str, grid) -> None:
@@ -44,8 +44,23 @@ class FakeQuantLayer(StandIn):
         return y
 
 
+class FakeQuantAct(nn.Module):
+    """An activation grid between layers: ``clamp(round(x / s), lo, hi) * s``."""
+
+    def __init__(self, grid) -> None:
+        super().__init__()
+        _grid_buffers(self, "act", grid)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.clamp(torch.round(x / self.act_scale), self.act_lo, self.act_hi) * self.act_scale
+
+
 _CLASSES = stand_in_classes(FakeQuantLayer, "FakeQuant")
 
 
 def stand_in(layer: nn.Module, form: IntegerLayer, **options) -> nn.Module:
     return build_stand_in(layer, _CLASSES, form)
+
+
+def act_stand_in(grid) -> nn.Module:
+    return FakeQuantAct(grid)
