@@ -184,7 +184,8 @@ class _Resolver:
             return LayerPlan(name, type(module).__name__, notes=(
                 f"{type(module).__name__} overrides forward(); slimq does not replace custom forwards",))
         if act is not None and act.fixed_min is None:
-            act = replace(act, fixed_min=nonnegative_input(self.df, name))
+            fixed = nonnegative_input(self.df, name)  # a fixed lower clip is 0, as when configured
+            act = replace(act, fixed_min=fixed, clip_min=0.0 if fixed and act.clip_min is not None else act.clip_min)
         if calls > 1:
             notes.append(f"called {calls} times per forward; the calls share one activation range")
         return LayerPlan(name, type(module).__name__, act=act, weight=weight,
