@@ -76,6 +76,7 @@ override_layer_types { layer_type: "Linear" retrain_weight_quant_config { arq_re
     assert "layer3.0" not in _specs(from_json) and "fc.5" in _specs(from_json)
 
 
+@pytest.mark.slow
 def test_quant_family_end_to_end(tmp_path):
     """create_quant_retrain_config -> create -> train -> eval -> save -> restore, one JSON file."""
     config, record = str(tmp_path / "config.json"), str(tmp_path / "record.txt")
