@@ -45,6 +45,12 @@ def _prune(lp):
     return (lp.prune.ratio, lp.prune.ascend_optimized) if lp.prune is not None else None
 
 
+def _clip_min(lp, configured: float) -> float:
+    """A layer whose input is provably >= 0 (after a ReLU) gets a fixed lower clip at 0 when the
+    config leaves fixed_min open; otherwise the configured clip_min."""
+    return 0.0 if lp.act.fixed_min else configured
+
+
 def _expect_prune_complete(plan):
     """AMCT's expected table for net_001_prune_complete."""
     for name in LINEARS:  # regular_prune_skip_types: Linear
@@ -141,7 +147,7 @@ def test_compressed_complete_config(net, tmp_path):
     plan = _resolved(net, CFG / "compressed_complete.cfg")
     for name in CONVS:
         assert plan[name].prune is None and plan[name].quantized
-        assert plan[name].act.clip_max == 6.0 and plan[name].act.clip_min == -6.0
+        assert (plan[name].act.clip_max, plan[name].act.clip_min) == (6.0, _clip_min(plan[name], -6.0))
     for name in LINEARS:
         assert plan[name].prune is None and plan[name].quantized  # global data config
     model = slimq.create_compressed_retrain_model(Net001(two_outputs=True), torch.randn(INPUT),
@@ -191,7 +197,7 @@ def test_default_granularity(net):
     plan = _resolved(net, CFG / "quant_default_granularity.cfg")
     for name in CONVS + LINEARS:
         lp = plan[name]
-        assert (lp.act.clip_max, lp.act.clip_min, lp.act.bits) == (6.0, -6.0, 8)
+        assert (lp.act.clip_max, lp.act.clip_min, lp.act.bits) == (6.0, _clip_min(lp, -6.0), 8)
         assert (lp.weight.algo, lp.weight.bits, lp.weight.channel_wise) == ("arq", 8, True)
 
 
@@ -227,3 +233,25 @@ def test_the_same_override_twice_is_refused(write_cfg, text, pattern):
 def test_parsed_config_passes_through():
     cfg = parse_config_text("retrain_data_quant_config { ulq_quantize {} }\n", "x.cfg")
     assert load_config(cfg) is cfg
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    ("retrain_weight_quant_config { arq_retrain {} }", r"c\.cfg:2: field 'retrain_weight_quant_config'"),
+    ("retrain_data_quant_config { ulq_quantize {} }", r"c\.cfg:2: field 'retrain_data_quant_config'"),
+    ('quant_skip_types: "Linear"', r"c\.cfg:2: field 'quant_skip_types'"),
+])
+def test_prune_entry_points_name_the_quant_field(tmp_path, write_cfg, extra, pattern):
+    cfg = write_cfg("prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.3 } } }\n"
+                    + extra + "\n")
+    for call in (lambda: slimq.create_prune_retrain_model(Net001(), torch.randn(INPUT), cfg, str(tmp_path / "r.txt")),
+                 lambda: slimq.restore_prune_retrain_model(Net001(), torch.randn(INPUT), str(tmp_path / "r.txt"),
+                                                           cfg, str(tmp_path / "c.pth"))):
+        with pytest.raises(ConfigError, match=pattern + r" configures quantization, which (create|restore)_prune"):
+            call()
+    assert not (tmp_path / "r.txt").exists()
+
+
+def test_quant_entry_point_names_the_prune_field(tmp_path, write_cfg):
+    cfg = write_cfg('retrain_data_quant_config { ulq_quantize {} }\nregular_prune_skip_types: "Linear"\n')
+    with pytest.raises(ConfigError, match=r"c\.cfg:2: field 'regular_prune_skip_types' configures sparsity"):
+        slimq.create_quant_retrain_config(str(tmp_path / "q.json"), Net001(), torch.randn(INPUT), cfg)

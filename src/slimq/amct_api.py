@@ -148,6 +148,8 @@ def create_quant_retrain_config(config_file: str, model: nn.Module, input_data: 
         ConfigError: the simple config configures sparsity, names what the model lacks, or the
             model has no quantizable layer; nothing is written.
     """
+    if not isinstance(config_file, (str, os.PathLike)):
+        raise ConfigError(f"config_file must be the path of the JSON file to write, got {type(config_file).__name__}")
     target = check_writable_dir(config_file, "config_file", ConfigError)
     if config_defination is None:
         cfg = parse_config_text(_DEFAULT_QUANT_CONFIG, "<default quantization config>")

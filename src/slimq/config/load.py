@@ -374,9 +374,12 @@ _PRUNE_FIELDS = ("prune_config", "regular_prune_skip_layers", "regular_prune_ski
 
 
 def _present(cfg: ParsedConfig, field_name: str) -> bool:
+    # either global quant message sets both cfg.act and cfg.weight: name the one the file has
+    quant = cfg.act is not None or cfg.weight is not None
+    data_line = ("retrain_data_quant_config",) in cfg.lines or ("retrain_weight_quant_config",) not in cfg.lines
     return {
-        "retrain_data_quant_config": cfg.act is not None,
-        "retrain_weight_quant_config": cfg.weight is not None,
+        "retrain_data_quant_config": quant and data_line,
+        "retrain_weight_quant_config": quant and not data_line,
         "quant_skip_layers": bool(cfg.quant_skip_layers),
         "quant_skip_types": bool(cfg.quant_skip_types),
         "prune_config": cfg.prune is not None,
