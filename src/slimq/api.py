@@ -19,12 +19,14 @@ from .config.load import load_config
 from .config.plan import CompressionPlan
 from .config.resolve import resolve
 from .errors import ExportError, ModelError, RecordError
+from .export.inputs import check_export_names
 from .export.writer import ExportReport, export_models
 from .graph.channels import channel_groups
 from .graph.dataflow import Dataflow
 from .graph.trace import trace
 from .nn.replace import calibrate, insert_compressed_layers, output_points
 from .prune import PruneDecision, annotate_plan, apply_records, decide, layer_costs, to_records
+from .prune.amct_records import usable_records
 from .prune.check import check_pruned
 from .record.collector import RecordCollector, is_writer_rank
 from .record.store import Record, read_record, write_record
@@ -191,10 +193,10 @@ def restore_compressed_retrain_model(model: nn.Module, input_data: Any, config_d
     record = read_record(record_file)
     job = _prepare(model, input_data, config_defination)
     _check_names(record, job.model, record_path)
+    prunes = usable_records(job.model, record.channel_prunes(), job.inputs, record_path)
     check_record_agrees(record, job.plan, _decide(job) if job.plan.channel_pruned else PruneDecision(),
-                        record_path)
+                        record_path, prunes)
     state = load_checkpoint(pth_file, state_dict_name)
-    prunes = record.channel_prunes()
     if prunes:  # the record, not a new selection, decides which channels are gone
         apply_records(job.model, prunes, source=record_path)
         check_pruned(job.model, job.inputs, job.df, prunes)
@@ -238,12 +240,26 @@ def save_compressed_retrain_model(model: nn.Module, record_file: str, save_path:
 
     Returns:
         An :class:`ExportReport` (paths, sizes, measured parity per output and target, notes).
+
+    Raises:
+        ExportArgumentError: bad input_names / output_names / dynamic_axes (before anything).
+        ExportError, NumericalError, RecordError: nothing is written then.
     """
+    return save_models(model, _record_path(record_file), save_path, input_data, input_names, output_names,
+                       dynamic_axes, strict=strict, targets=targets, exporter=exporter,
+                       signed_weights=signed_weights)
+
+
+def save_models(model: nn.Module, record_path: Optional[str], save_path: str, input_data: Any,
+                input_names: Optional[List[str]] = None, output_names: Optional[List[str]] = None,
+                dynamic_axes: Optional[Dict[str, Any]] = None, **options: Any) -> Optional[ExportReport]:
+    """save_compressed_retrain_model's work; ``record_path`` None writes no record (a channel-pruned
+    model saved by save_prune_retrain_model has nothing to record)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     model = _unwrap(model)
     inputs = check_inputs(input_data)
-    record_path = _record_path(record_file)
+    check_export_names(inputs.tensors(), input_names, output_names, dynamic_axes)
     if not isinstance(save_path, (str, os.PathLike)) or not os.fspath(save_path):
         raise ExportError(f"save_path must be a path prefix, got {save_path!r}")
     save_prefix = os.fspath(save_path)
@@ -253,15 +269,14 @@ def save_compressed_retrain_model(model: nn.Module, record_file: str, save_path:
     collector = RecordCollector.of(model)
     if collector is not None:
         record = Record(copy.deepcopy(collector.record.message))
-    elif os.path.isfile(record_path):
+    elif record_path is not None and os.path.isfile(record_path):
         record = read_record(record_path)
     else:
         record = Record()
     report = export_models(model, inputs, save_prefix, record, input_names=input_names,
-                           output_names=output_names, dynamic_axes=dynamic_axes, strict=strict,
-                           targets=targets, exporter=exporter, signed_weights=signed_weights,
-                           record_path=record_path)
-    if collector is not None:
+                           output_names=output_names, dynamic_axes=dynamic_axes, record_path=record_path,
+                           **options)
+    if collector is not None and record_path is not None:
         collector.record = record
     return report
 

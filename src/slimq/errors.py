@@ -14,6 +14,7 @@ __all__ = [
     "ModelError",
     "CheckpointError",
     "ExportError",
+    "ExportArgumentError",
     "NumericalError",
 ]
 
@@ -44,6 +45,15 @@ class CheckpointError(SlimqError, ValueError):
 
 class ExportError(SlimqError):
     """Writing or checking the ONNX models failed."""
+
+
+class ExportArgumentError(ExportError, ValueError, TypeError):
+    """``input_names``, ``output_names`` or ``dynamic_axes`` is not something ONNX export can use.
+
+    Raised before anything is exported. It is a ``TypeError`` (a list or dict of the wrong type,
+    as AMCT's argument checks report it) and a ``ValueError`` (a negative axis, an axis beyond
+    the input's rank, more names than tensors), so code that catches either keeps working.
+    """
 
 
 class NumericalError(SlimqError, ArithmeticError):

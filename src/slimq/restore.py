@@ -18,7 +18,7 @@ from torch import nn
 from .config.plan import CompressionPlan
 from .errors import CheckpointError, RecordError
 from .prune.planner import PruneDecision
-from .record.store import Record, point_module
+from .record.store import ChannelPruneInfo, Record, point_module
 
 __all__ = ["load_checkpoint", "load_state", "check_record_agrees", "names_in"]
 
@@ -102,10 +102,12 @@ def _disagree(record_path: str, config_path: str, what: str) -> RecordError:
 
 
 def check_record_agrees(record: Record, plan: CompressionPlan, decision: PruneDecision,
-                        record_path: str) -> None:
+                        record_path: str, prunes: Optional[Sequence[ChannelPruneInfo]] = None) -> None:
     """The record describes what ``plan`` (the config, resolved on this model) would build.
 
-    ``decision`` is what create would prune on this model with this config. Checks: the same
+    ``decision`` is what create would prune on this model with this config; ``prunes`` the
+    record's groups that restore applies (AMCT's dialect normalised, groups that break the
+    training forward dropped; default: all of the record's groups). Checks: the same
     features are on (channel pruning, 2:4, quantization); the same channel groups are pruned,
     each keeping what the configured ratio and rounding give; the quantized layer set and bit
     widths match the record's factors (once it has any).
@@ -114,14 +116,17 @@ def check_record_agrees(record: Record, plan: CompressionPlan, decision: PruneDe
         RecordError: naming both files and the first difference.
     """
     src = plan.source
-    prunes = record.channel_prunes()
+    listed = record.channel_prunes() if prunes is None else list(prunes)
+    prunes = [r for r in listed if any(n.prune_index for n in r.producers + r.consumers)]  # removing nothing agrees
     if prunes and not plan.channel_pruned:
         raise _disagree(record_path, src, f"the record prunes channels ({len(prunes)} groups, e.g. "
                                           f"'{prunes[0].producers[0].name}') but the config configures no "
                                           "channel pruning")
     if plan.channel_pruned and decision.pruned and not prunes:
-        raise _disagree(record_path, src, "the config prunes channels but the record holds no channel "
-                                          "pruning (it was made with another config, or is empty)")
+        what = (f"lists {len(listed)} channel group(s) but no removed channel (prune_index): its channels "
+                "were never chosen" if listed else "holds no channel pruning (it was made with another "
+                "config, or is empty)")
+        raise _disagree(record_path, src, f"the config prunes channels but the record {what}")
     recorded = {frozenset(p.name for p in r.producers): r for r in prunes}
     for d in decision.pruned:
         rec = recorded.pop(frozenset(d.group.producers), None)

@@ -4,6 +4,7 @@ Errors name the file, the line and the field, and say what to write instead.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -18,7 +19,10 @@ from .._proto import load_proto
 from ..errors import ConfigError
 from .plan import ActQuantSpec, ChannelPruneSpec, Sparse24Spec, WeightQuantSpec
 
-__all__ = ["ConfigMessages", "LayerOverride", "ParsedConfig", "load_config", "parse_config_text"]
+__all__ = ["ConfigMessages", "LayerOverride", "ParsedConfig", "load_config", "parse_config_text",
+           "require_features"]
+
+log = logging.getLogger("slimq")
 
 ConfigMessages = load_proto("slimq.config", "retrain_config.proto")
 _DTYPE_NAMES = {0: 4, 1: 8, 2: 16}  # DataType enum number -> bits
@@ -73,8 +77,7 @@ class ParsedConfig:
         return f"{self.path}:{line}" if line else self.path
 
     def error(self, path: Path_, text: str) -> ConfigError:
-        dotted = ".".join(f"[{p}]" if isinstance(p, int) else p for p in path).replace(".[", "[")
-        return ConfigError(f"{self.where(*path)}: field '{dotted}': {text}")
+        return ConfigError(f"{self.where(*path)}: field '{_dotted(path)}': {text}")
 
     @property
     def configures_quant(self) -> bool:
@@ -85,18 +88,25 @@ class ParsedConfig:
         return self.prune is not None or any(o.prune is not None for o in self.by_name + self.by_type)
 
 
+def _dotted(path: Path_) -> str:
+    return ".".join(f"[{p}]" if isinstance(p, int) else p for p in path).replace(".[", "[")
+
+
 # --------------------------------------------------------------------------- line numbers
 
 _TOK = re.compile(r'\s*(#[^\n]*|"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|[^\s{}<>:\[\],;"\'#]+|[{}<>:\[\],;])')
 
 
-def field_lines(text: str, descriptor) -> Dict[Path_, int]:
+def field_lines(text: str, descriptor, repeats: Optional[List[Tuple[Path_, int, int]]] = None
+                ) -> Dict[Path_, int]:
     """Map each field path, e.g. ('override_layer_configs', 1, 'layer_name'), to its line.
 
     Repeated fields get an index in the path, singular ones do not, as decided by the message
     ``descriptor``. Runs on text that protobuf already parsed, so the grammar can be loose: a name
     followed by ``{``/``<`` (optionally after ``:``) opens a message, a name followed by ``:`` and
-    a value is a scalar, list values ``[a, b]`` are repeated entries.
+    a value is a scalar, list values ``[a, b]`` are repeated entries. A singular field given
+    again keeps the line of its last occurrence (the value protobuf keeps); each such repeat is
+    appended to ``repeats`` as (path, first line, last line).
     """
     tokens: List[Tuple[str, int]] = []
     line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
@@ -124,8 +134,9 @@ def field_lines(text: str, descriptor) -> Dict[Path_, int]:
             i += 1
             continue
         path = prefix + (tok,)
-        lines.setdefault(path, line)
         repeated = _is_repeated(fd)
+        if repeated:
+            lines.setdefault(path, line)
         j = i + 1
         if j < len(tokens) and tokens[j][0] == ":":
             j += 1
@@ -141,6 +152,8 @@ def field_lines(text: str, descriptor) -> Dict[Path_, int]:
             i = j + 1
             continue
         item = _indexed(path, counts, tok) if repeated else path
+        if repeats is not None and not repeated and fd.message_type is None and item in lines:
+            repeats.append((item, lines[item], line))
         lines[item] = line
         if nxt in ("{", "<"):
             stack.append((item, fd.message_type, {}))
@@ -173,13 +186,16 @@ def _indexed(path: Path_, counts: Dict[str, int], name: str) -> Path_:
 # --------------------------------------------------------------------------- parsing
 
 
-def load_config(path: Union[str, "os.PathLike[str]"]) -> ParsedConfig:
-    """Read and check the config file at ``path``.
+def load_config(path: Union[str, "os.PathLike[str]", ParsedConfig]) -> ParsedConfig:
+    """Read and check the config file at ``path``; an already parsed config is returned as is
+    (so a config built from another format, e.g. AMCT's JSON, goes through the same pipeline).
 
     Raises:
         ConfigError: missing/unreadable file, syntax error, unknown field or enum value, missing
             required field, or a value out of range; the message names file, line and field.
     """
+    if isinstance(path, ParsedConfig):
+        return path
     path_s = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
     if path_s is None:
         raise ConfigError(f"config_defination must be a path to a config file, got {type(path).__name__}")
@@ -189,10 +205,14 @@ def load_config(path: Union[str, "os.PathLike[str]"]) -> ParsedConfig:
 
 
 def parse_config_text(text: str, path: str = "<config>") -> ParsedConfig:
-    """Parse config ``text``; ``path`` is only used in messages. See :func:`load_config`."""
+    """Parse config ``text``; ``path`` is only used in messages. See :func:`load_config`.
+
+    A singular field given twice in one message keeps its last value, as protobuf's
+    ``text_format.Merge`` (and so AMCT) does; slimq logs a warning naming both lines.
+    """
     msg = ConfigMessages["AMCTRetrainConfig"]()
     try:
-        text_format.Parse(text, msg)
+        text_format.Merge(text, msg)
     except text_format.ParseError as exc:
         loc = f"{path}:{exc.GetLine()}" if exc.GetLine() else path
         detail = re.sub(r"^\d+:\d+ : ", "", str(exc))
@@ -200,7 +220,11 @@ def parse_config_text(text: str, path: str = "<config>") -> ParsedConfig:
                           "slimq/config/retrain_config.proto)") from None
     except (DecodeError, ValueError, UnicodeError, OverflowError, RecursionError) as exc:
         raise ConfigError(f"{path}: cannot parse config: {exc}") from None
-    cfg = ParsedConfig(path=path, message=msg, lines=field_lines(text, msg.DESCRIPTOR))
+    repeats: List[Tuple[Path_, int, int]] = []
+    cfg = ParsedConfig(path=path, message=msg, lines=field_lines(text, msg.DESCRIPTOR, repeats))
+    for field_path, first, last in repeats:
+        log.warning("slimq: %s:%d: field '%s' is also given on line %d; the last value is used "
+                    "(protobuf text format keeps the last one)", path, last, _dotted(field_path), first)
     missing = msg.FindInitializationErrors()
     if missing:
         field_path = _split_init_path(missing[0])
@@ -236,6 +260,8 @@ def _fill(cfg: ParsedConfig, msg: Message) -> None:
         cfg.by_name.append(_override(cfg, o, o.layer_name, ("override_layer_configs", i)))
     for i, o in enumerate(msg.override_layer_types):
         cfg.by_type.append(_override(cfg, o, o.layer_type, ("override_layer_types", i)))
+    _check_unique(cfg, cfg.by_name, "override_layer_configs", "layer")
+    _check_unique(cfg, cfg.by_type, "override_layer_types", "type")
     for attr, target in (("skip_layers", cfg.skip_layers), ("skip_layer_types", cfg.skip_types),
                          ("quant_skip_layers", cfg.quant_skip_layers),
                          ("quant_skip_types", cfg.quant_skip_types),
@@ -249,6 +275,16 @@ def _fill(cfg: ParsedConfig, msg: Message) -> None:
         raise ConfigError(
             f"{cfg.path}: nothing to do: configure quantization (retrain_data_quant_config / "
             "retrain_weight_quant_config) or sparsity (prune_config), or both")
+
+
+def _check_unique(cfg: ParsedConfig, overrides: List[LayerOverride], field_name: str, what: str) -> None:
+    """AMCT refuses two override entries for one layer name or type; so does slimq."""
+    first: Dict[str, int] = {}
+    for o in overrides:
+        if o.key in first:
+            raise ConfigError(f"{cfg.path}:{o.line}: {field_name}: {what} '{o.key}' is overridden twice "
+                              f"(also on line {first[o.key]}); merge the two entries")
+        first[o.key] = o.line
 
 
 def _checked(cfg: ParsedConfig, path: Path_, build: Callable[[], T]) -> T:
@@ -317,3 +353,49 @@ def _override(cfg: ParsedConfig, m: Message, key: str, path: Path_) -> LayerOver
     if act is None and weight is None and prune is None:
         raise cfg.error(path, f"override for '{key}' configures nothing; add a quant or prune config")
     return LayerOverride(key=key, line=cfg.lines.get(path, 0), act=act, weight=weight, prune=prune)
+
+
+# --------------------------------------------------------------------------- feature checks
+
+_QUANT_FIELDS = ("retrain_data_quant_config", "retrain_weight_quant_config", "quant_skip_layers",
+                 "quant_skip_types")
+_PRUNE_FIELDS = ("prune_config", "regular_prune_skip_layers", "regular_prune_skip_types")
+
+
+def _present(cfg: ParsedConfig, field_name: str) -> bool:
+    # either global quant message sets both cfg.act and cfg.weight: name the one the file has
+    quant = cfg.act is not None or cfg.weight is not None
+    data_line = ("retrain_data_quant_config",) in cfg.lines or ("retrain_weight_quant_config",) not in cfg.lines
+    return {
+        "retrain_data_quant_config": quant and data_line,
+        "retrain_weight_quant_config": quant and not data_line,
+        "quant_skip_layers": bool(cfg.quant_skip_layers),
+        "quant_skip_types": bool(cfg.quant_skip_types),
+        "prune_config": cfg.prune is not None,
+        "regular_prune_skip_layers": bool(cfg.prune_skip_layers),
+        "regular_prune_skip_types": bool(cfg.prune_skip_types),
+    }[field_name]
+
+
+def require_features(cfg: ParsedConfig, *, quant: bool, prune: bool, entry: str) -> ParsedConfig:
+    """``cfg`` if it configures only what ``entry`` does (quantization and/or sparsity).
+
+    AMCT's prune-only and quant-only entry points refuse a config with fields of the other
+    feature (its ``check_field``); so do slimq's.
+
+    Raises:
+        ConfigError: naming the file, the line and the first field of the other feature.
+    """
+    fields = (() if quant else _QUANT_FIELDS) + (() if prune else _PRUNE_FIELDS)
+    feature = "quantization" if not quant else "sparsity"
+    for field_name in fields:
+        if _present(cfg, field_name):
+            raise ConfigError(f"{cfg.where(field_name)}: field '{field_name}' configures {feature}, which "
+                              f"{entry} does not do; remove it, or use create_compressed_retrain_model")
+    for overrides, field_name in ((cfg.by_name, "override_layer_configs"), (cfg.by_type, "override_layer_types")):
+        for o in overrides:
+            if (not quant and o.configures_quant) or (not prune and o.prune is not None):
+                raise ConfigError(f"{cfg.path}:{o.line}: {field_name} '{o.key}' configures {feature}, which "
+                                  f"{entry} does not do; remove that part, or use "
+                                  "create_compressed_retrain_model")
+    return cfg

@@ -1,14 +1,16 @@
 """Resolve a parsed config against a model into the per-layer :class:`CompressionPlan`.
 
 Priority for each setting (activation quant, weight quant, sparsity) separately: override by
-layer name > override by layer type > global. ``skip_*`` lists win over everything. Names and
-types that match nothing, or that name a layer of an ineligible type, are errors.
+layer name > override by layer type > global. The skip lists, as in AMCT's
+``retrain_config_base.py``: for quantization an override that configures quantization beats
+them (it forces the layer on); for sparsity the skip lists beat every override. Names and types
+that match nothing, or that name a layer of an ineligible type, are errors.
 """
 from __future__ import annotations
 
 import difflib
 from dataclasses import replace
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -27,6 +29,7 @@ QUANT_TYPES: Tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspo
 CHANNEL_PRUNE_TYPES: Tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 SPARSE24_TYPES: Tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 _ANY_TYPES = QUANT_TYPES
+_OVERRIDE_FIELDS = ("override_layer_configs", "override_layer_types")  # the order of _sources()
 
 
 def _names(types: Iterable[type]) -> str:
@@ -100,12 +103,6 @@ class _Resolver:
         for o in c.by_type:
             for ok, field in self._override_needs(o):
                 self._check_type(o.key, o.line, f"override_layer_types '{o.key}' ({field})", ok)
-        seen: Set[str] = set()
-        for o in c.by_name:
-            if o.key in seen:
-                raise ConfigError(f"{c.path}:{o.line}: override_layer_configs: layer '{o.key}' is "
-                                  "overridden twice; merge the two entries")
-            seen.add(o.key)
 
     @staticmethod
     def _override_needs(o: LayerOverride) -> List[Tuple[Tuple[type, ...], str]]:
@@ -150,8 +147,14 @@ class _Resolver:
             act = weight = None
         if act is not None and (skipped_all or self._in(c.quant_skip_layers, name)
                                 or self._in_types(c.quant_skip_types, module)):
-            notes.append("quantization skipped by the config")
-            act = weight = None
+            forced = [(f, o) for f, o in zip(_OVERRIDE_FIELDS, sources) if o is not None and o.configures_quant]
+            if forced:
+                field, o = forced[0]
+                notes.append(f"quantized despite the skip lists: {field} '{o.key}' (line {o.line}) configures "
+                             "its quantization, and for quantization an override wins (as in AMCT)")
+            else:
+                notes.append("quantization skipped by the config")
+                act = weight = None
 
         # sparsity
         prune = next((o.prune for o in sources if o is not None and o.prune is not None), c.prune)
@@ -190,7 +193,8 @@ class _Resolver:
             act = weight = None  # channel pruning works through the functions its forward calls
             notes.append(note)
         if act is not None and act.fixed_min is None:
-            act = replace(act, fixed_min=nonnegative_input(self.df, name))
+            fixed = nonnegative_input(self.df, name)  # a fixed lower clip is 0, as when configured
+            act = replace(act, fixed_min=fixed, clip_min=0.0 if fixed and act.clip_min is not None else act.clip_min)
         if calls > 1:
             notes.append(f"called {calls} times per forward; the calls share one activation range")
         return LayerPlan(name, type(module).__name__, act=act, weight=weight,

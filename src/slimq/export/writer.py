@@ -279,7 +279,8 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
                      "and is clamped in eval and in both files, so their outputs differ from the training "
                      "forward; use a coarser grid (INT8) or a smaller bias for these layers")
     tensors = [t.detach() for t in inputs.tensors()]
-    in_names = list(input_names) if input_names else _default_input_names(work, inputs)
+    in_names = list(input_names or [])
+    in_names += _default_input_names(work, inputs)[len(in_names):]  # names for the rest
     wrapper = _TensorInputs(work, inputs)
     external = _state_bytes(work) >= external_bytes
     options = {"signed_weights": signed_weights}

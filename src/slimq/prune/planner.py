@@ -7,7 +7,7 @@ model: restore calls it with the records read back, so it re-applies exactly wha
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from ..config.plan import CompressionPlan, LayerPlan
 from ..errors import ConfigError, RecordError
 from ..graph.channels import ChannelGroup, Member
 from ..record.store import ChannelPruneInfo, PruneNodeInfo
+from .amct_records import keep_trainable, normalize_records
 from .importance import balanced_l2_scores, group_scores, kept_count, select_removed
 from .surgery import apply_keep, can_slice, channel_width, consumer_role, is_channelwise
 
@@ -143,14 +144,22 @@ def _role(module: nn.Module, producer: bool) -> str:
     return "out" if producer else consumer_role(module)
 
 
-def apply_records(model: nn.Module, records: Sequence[ChannelPruneInfo], source: str = "record") -> None:
+def apply_records(model: nn.Module, records: Sequence[ChannelPruneInfo], source: str = "record",
+                  inputs: Optional[Tuple[Any, ...]] = None) -> List[ChannelPruneInfo]:
     """Slice ``model`` in place as the prune records say (create's decision or a record file).
+
+    Records written by AMCT are normalised first (``amct_records``); with ``inputs``, groups
+    whose application breaks the training-mode forward are dropped with a warning. Returns the
+    records applied.
 
     Raises:
         RecordError: a record names a missing module, another type, or channels out of range,
             i.e. the records belong to another model.
     """
     modules = dict(model.named_modules())
+    records = normalize_records(records, modules, source)
+    if inputs is not None:
+        records = keep_trainable(model, records, inputs, apply_records, source)
     removal: Dict[Tuple[str, str], Set[int]] = {}
     for rec in records:
         for infos, producer in ((rec.producers, True), (rec.consumers, False)):
@@ -175,6 +184,7 @@ def apply_records(model: nn.Module, records: Sequence[ChannelPruneInfo], source:
             if not keep:
                 raise RecordError(f"{source}: prune records remove every channel of '{name}'")
             apply_keep(m, role, keep, source)
+    return records
 
 
 def _producer_notes(decision: PruneDecision) -> Dict[str, str]:

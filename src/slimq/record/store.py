@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from .._io import atomic_write_text, check_writable_dir, read_text_file
 from .._proto import load_proto
 from ..errors import RecordError
+from .amct_nodes import is_op_node
 
 __all__ = [
     "OUTPUT_SUFFIX",
@@ -193,12 +194,14 @@ class Record:
 
     # -- channel pruning ------------------------------------------------------------------
     def channel_prunes(self) -> List[ChannelPruneInfo]:
+        """The channel-pruning groups; nodes AMCT writes for graph operators (``Add_8``), which
+        hold nothing to slice, are left out (they stay in the message)."""
         out = []
         for pr in self.message.prune_record:
-            if not pr.producer:
-                continue
-            out.append(ChannelPruneInfo(tuple(self._node(n) for n in pr.producer),
-                                        tuple(self._node(n) for n in pr.consumer)))
+            producers = tuple(i for i in map(self._node, pr.producer) if not is_op_node(i.name, i.type))
+            if producers:
+                out.append(ChannelPruneInfo(producers, tuple(
+                    i for i in map(self._node, pr.consumer) if not is_op_node(i.name, i.type))))
         return out
 
     @staticmethod
