@@ -24,6 +24,7 @@ from .export.writer import ExportReport, export_models
 from .graph.channels import channel_groups
 from .graph.dataflow import Dataflow
 from .graph.trace import trace
+from .nn.attention import split_attention
 from .nn.replace import calibrate, insert_compressed_layers, output_points
 from .prune import PruneDecision, annotate_plan, apply_records, decide, layer_costs, to_records
 from .prune.amct_records import usable_records
@@ -89,6 +90,7 @@ def _prepare(model: Any, input_data: Any, config_defination: Any) -> _Job:
     inputs = check_inputs(input_data)
     cfg = load_config(config_defination)
     work = _copy(model)
+    split_attention(work)  # attention projections as Linear layers (see nn.attention)
     df = trace(work, inputs)
     return _Job(work, inputs, resolve(cfg, work, df), df)
 

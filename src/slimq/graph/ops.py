@@ -150,10 +150,11 @@ MODULES: Tuple[Tuple[Tuple[type, ...], Op], ...] = (
     ((nn.LogSoftmax, nn.Softmin), Op("along_dim")),
     ((nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle), Op("pixel_shuffle", "keeps")),
 )
+# (nn.Transformer* layers are traced through: their attention is split into Linears first, see
+# slimq.nn.attention, which also turns their eval fast path off.)
 _OPAQUE: Tuple[type, ...] = (
-    nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase, nn.Transformer, nn.TransformerEncoder,
-    nn.TransformerDecoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Embedding,
-    nn.EmbeddingBag, nn.Bilinear, nn.LocalResponseNorm, nn.CrossMapLRN2d,
+    nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase, nn.Embedding, nn.EmbeddingBag, nn.Bilinear,
+    nn.LocalResponseNorm, nn.CrossMapLRN2d,
 )
 
 
