@@ -29,5 +29,5 @@ def test_ddp_ranks_stay_identical_and_rank0_writes_one_record(tmp_path, write_cf
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["c.cfg", "record.txt", "state0.pt", "state1.pt"]  # one record, no temp files
     rec = read_record(tmp_path / "record.txt")
-    assert set(rec.quant_layers()) == {"a.0", "b.0", "c.0", "fc", "c.0:output"}  # c.0 feeds a mean
+    assert set(rec.quant_layers()) == {"a.0", "b.0", "c.0", "fc", "c.1:output"}  # c.0 -> ReLU c.1 feeds a mean: the point sits after the ReLU
     assert len(rec.channel_prunes()) == 2 and set(rec.selective_masks()) == {"b.0", "fc"}
