@@ -5,7 +5,9 @@
 2. One eval forward on ``input_data``: the PyTorch reference outputs and searchN's statistics;
    the factors and 2:4 masks go into the record.
 3. Each layer's integer form, computed once; each target (a read-only table in
-   :mod:`.targets`) builds its stand-ins from it, and the copy is exported once per target.
+   :mod:`.targets`) builds its stand-ins from it, and the copy is exported once per target, by
+   the TorchScript or the torch.export (dynamo) exporter (:data:`EXPORTERS`; ``"auto"`` tries
+   TorchScript first and falls back to dynamo, noting why).
 4. Every file is checked (``onnx.checker``, full check) and run in ONNX Runtime on exactly the
    declared inputs; the measured deviations go into the report.
 5. Only then are the files renamed into place, the record with them.
@@ -298,11 +300,19 @@ def _export_one(order: Sequence[str], target: str, write: Callable[[Exporter], N
                              + "; ".join(f"exporter '{k}' failed: {_short(e)}" for k, e in failed))
             return kind
     raise ExportError(f"ONNX export of the {target} model failed: "
-                      + "; ".join(f"[{k}] {type(e).__name__}: {e}" for k, e in failed)) from failed[-1][1]
+                      + "; ".join(f"[{k}] {type(e).__name__}: {_reason(e)}" for k, e in failed)) from failed[-1][1]
+
+
+_SUMMARY = "## Exception summary"  # torch.onnx's dynamo errors: advice first, the cause after this
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    return text[text.index(_SUMMARY) + len(_SUMMARY):].strip() if _SUMMARY in text else text
 
 
 def _short(exc: Exception, limit: int = 300) -> str:
-    lines = str(exc).strip().splitlines()
+    lines = _reason(exc).strip().splitlines()
     line = f"{type(exc).__name__}: {lines[0] if lines else ''}"
     return line if len(line) <= limit else line[:limit] + "..."
 
