@@ -22,8 +22,6 @@ from helpers import MixedNet, make_batches, rel_l2, train
 from slimq.errors import ExportError
 from slimq.export import writer
 
-pytest.importorskip("onnxscript")
-
 PATHS = ("torchscript", "dynamo")
 
 
@@ -42,8 +40,7 @@ def _torch(cm: nn.Module, args: Sequence[Any], kwargs: Dict[str, Any]) -> list:
     return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
-def _check_files(report, exporter: str, feed: Dict[str, torch.Tensor], expected: list, exact: bool = True,
-                 deploy_tolerance: float = 1e-2) -> None:
+def _check_files(report, exporter: str, feed: Dict[str, torch.Tensor], expected: list, exact: bool = True) -> None:
     """Every file passes the full checker and was written by ``exporter``; fake_quant equals
     PyTorch, deploy agrees with fake_quant (in ONNX Runtime, run here on ``feed``)."""
     assert report.exporter == exporter and {t.exporter for t in report.targets.values()} == {exporter}
@@ -57,7 +54,7 @@ def _check_files(report, exporter: str, feed: Dict[str, torch.Tensor], expected:
         if exact:
             assert np.abs(f - e).max() <= 1e-5
         assert rel_l2(f, e) <= 1e-3
-        assert rel_l2(d, f) <= deploy_tolerance
+        assert rel_l2(d, f) <= 1e-2
     assert report.int8_initializers > 0
 
 
@@ -248,9 +245,7 @@ def test_torchvision_on_the_dynamo_path(tmp_path, write_cfg, name, size, exporte
     report = slimq.save_compressed_retrain_model(cm, record, str(tmp_path / "m"), x, exporter=exporter)
     if name == "vgg11":  # adaptive pooling 2x2 -> 7x7: TorchScript cannot, auto fell back
         assert any("exporter 'torchscript' failed" in n and "adaptive_avg_pool2d" in n for n in report.notes)
-        # deploy sums the 25088-wide classifier in int32, fake_quant (and PyTorch) in float32, whose
-        # 24-bit mantissa rounds sums of that size: the two can differ by ~1e-2 whichever exporter wrote them
-        _check_files(report, "dynamo", {"x": x}, _torch(cm, (x,), {}), exact=False, deploy_tolerance=5e-2)
+        _check_files(report, "dynamo", {"x": x}, _torch(cm, (x,), {}), exact=False)  # float pooling between
         return
     _check_files(report, "dynamo", {"x": x}, _torch(cm, (x,), {}))
     ops = _optimized_ops(report.deploy_path, tmp_path)
