@@ -65,6 +65,56 @@ def _quantized(model: nn.Module, input_data, tmp_path, write_cfg, cfg: str = QUA
     return cm, record
 
 
+# --------------------------------------------------------------------------- the Q/DQ ops themselves
+
+
+class QDQOps(nn.Module):
+    """slimq's two ops on every storage type the 8-bit files use, per tensor and per axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("s", torch.tensor(0.05))
+        self.register_buffer("zu", torch.tensor(131.0))  # uint8 activations
+        self.register_buffer("zs", torch.tensor(-3.0))   # int8
+        self.register_buffer("w", torch.randint(0, 256, (4, 3), generator=g).to(torch.uint8))
+        self.register_buffer("w_s", torch.rand(4, generator=g) * 0.1 + 0.01)
+        self.register_buffer("w_z", torch.full((4,), 128, dtype=torch.uint8))
+        self.register_buffer("v", torch.randint(-128, 128, (3, 5), generator=g).to(torch.int8))
+        self.register_buffer("v_z", torch.tensor(0, dtype=torch.int8))
+        self.register_buffer("b", torch.randint(-2 ** 20, 2 ** 20, (5,), generator=g).to(torch.int32))
+        self.register_buffer("b_s", torch.rand(5, generator=g) * 1e-4)
+        self.register_buffer("b_z", torch.zeros(5, dtype=torch.int32))
+
+    def forward(self, x):
+        from slimq.export.qdq import dequant, quant_dequant
+
+        a = quant_dequant(x, self.s, self.zu, torch.uint8) + quant_dequant(x, self.s, self.zs, torch.int8)
+        w = dequant(self.w, self.w_s, self.w_z, 0)  # per axis 0
+        v = dequant(self.v, self.s, self.v_z)  # per tensor
+        return (a @ w) @ v + dequant(self.b, self.b_s, self.b_z, 0)
+
+
+@pytest.mark.parametrize("exporter", PATHS)
+def test_qdq_ops_match_onnx_runtime(tmp_path, exporter):
+    model, x = QDQOps().eval(), torch.randn(6, 4) * 8  # beyond both grids: clamping shows
+    path = tmp_path / "ops.onnx"
+    kind = writer.EXPORTERS[exporter]
+    with torch.no_grad():
+        kind.export(model, [x], path, ["x"], None, None, kind.opset)
+        expected = model(x).numpy()
+    a = x.numpy()  # the formulas in numpy: the ops' PyTorch kernels must not drift from them
+    qdq = sum((np.clip(np.round(a / 0.05) + z, lo, hi) - z) * np.float32(0.05)
+              for z, lo, hi in ((131, 0, 255), (-3, -128, 127)))
+    w = (model.w.numpy().astype(np.float32) - 128) * model.w_s.numpy()[:, None]
+    ref = (qdq @ w) @ (model.v.numpy().astype(np.float32) * np.float32(0.05)) + model.b.numpy() * model.b_s.numpy()
+    assert np.abs(expected - ref).max() <= 1e-4 * np.abs(ref).max()
+    graph = onnx.load(str(path)).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    assert ops["QuantizeLinear"] == 2 and ops["DequantizeLinear"] == 5, dict(ops)
+    assert np.abs(_ort(str(path), {"x": x})[0] - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
 # --------------------------------------------------------------------------- multi-input, keywords
 
 
