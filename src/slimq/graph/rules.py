@@ -713,13 +713,17 @@ def _split_heads(ctx: ChannelContext, node: Node, vid: int, lin: Layout) -> bool
     packs, heads = (out_shape[outer] if outer >= 0 else 1), out_shape[axis]
     m = ctx.modules.get(node.scope)
     spec = head_spec(m)
+    if spec is None:  # a channel shuffle, or attention slimq could not update after removing heads
+        where = f"'{node.scope}' ({type(m).__name__})" if node.scope and m is not None else "the model's forward"
+        ctx.block(lin, f"{ctx.describe(node)} reshapes across the channel axis (into {packs} x {heads} x {d}; "
+                       "whole attention heads are removed only inside attention modules whose head count slimq "
+                       "can update: SplitMultiheadAttention, timm Attention, Hugging Face BertSelfAttention and "
+                       f"ViTAttention, and this reshape is in {where})")
+        ctx.set_out(node, None)
+        return True
     what = f"{ctx.describe(node)} splits these channels into {heads} attention heads of {d}"
     why = None
-    if spec is None:
-        where = f"'{node.scope}' ({type(m).__name__})" if node.scope and m is not None else "the model's forward"
-        why = (f"{what}, but {where} is no attention module whose head count slimq can update (known: "
-               "SplitMultiheadAttention, timm Attention, Hugging Face BertSelfAttention and ViTAttention)")
-    elif getattr(m, spec.head_dim, None) != d or packs != spec.packs:
+    if getattr(m, spec.head_dim, None) != d or packs != spec.packs:
         why = f"{what}, which does not match {type(m).__name__}.{spec.head_dim} = {getattr(m, spec.head_dim, None)}"
     elif packs > 1 and not ctx.add_parts(lin, packs):
         why = f"{what} of {packs} packed projections, which are not one whole layer's output"

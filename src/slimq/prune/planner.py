@@ -202,6 +202,8 @@ def _producer_notes(decision: PruneDecision) -> Dict[str, str]:
                 t[2] += 1
     return {p: f"channels {c} -> {k}" + (f" (in {n} pieces)" if n > 1 else
                                          f" (group of {len(_group_of(decision, p).group.producers)} producer(s))")
+            + (f", whole attention heads of {_group_of(decision, p).group.block}"
+               if _group_of(decision, p).group.block > 1 else "")
             for p, (c, k, n) in total.items()}
 
 
