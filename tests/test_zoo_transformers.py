@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Tuple
 
 import numpy as np
 import pytest
@@ -41,8 +41,8 @@ class Logits(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).logits
+    def forward(self, *x: torch.Tensor) -> torch.Tensor:
+        return self.model(*x).logits
 
 
 def _hf_vit(attn: str) -> nn.Module:
@@ -77,6 +77,13 @@ def _tokens(batch: int) -> Tuple[torch.Tensor, ...]:
     return (torch.randint(0, 100, (batch, 16)),)
 
 
+def _padded_tokens(batch: int) -> Tuple[torch.Tensor, ...]:
+    """Token ids and an attention mask with the last 3 positions padded."""
+    mask = torch.ones(batch, 16, dtype=torch.long)
+    mask[:, -3:] = 0
+    return torch.randint(0, 100, (batch, 16)), mask
+
+
 class Case(NamedTuple):
     build: Callable[[], nn.Module]
     inputs: Callable[[int], Tuple[torch.Tensor, ...]]
@@ -88,6 +95,7 @@ ZOO: Dict[str, Case] = {
     "hf_vit_sdpa": Case(lambda: _hf_vit("sdpa"), _image, r"mlp\.fc1$"),
     "hf_bert_eager": Case(lambda: _hf_bert("eager"), _tokens, r"intermediate\.dense$"),
     "hf_bert_sdpa": Case(lambda: _hf_bert("sdpa"), _tokens, r"intermediate\.dense$"),
+    "hf_bert_padded": Case(lambda: _hf_bert("sdpa"), _padded_tokens, r"intermediate\.dense$"),
     "encoder": Case(EncoderClassifier, lambda b: (torch.randn(b, 9, 12),), r"linear1$"),
     "direct_mha": Case(DirectAttention, lambda b: (torch.randn(b, 9, 12), torch.randn(b, 6, 8)), r"^q$"),
     "timm_vit": Case(lambda: _timm_vit(True), _image, r"mlp\.fc1$"),
@@ -119,7 +127,10 @@ def _outputs(model: nn.Module, x: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         return model(*x)
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+SLOW = {"hf_vit_eager", "hf_bert_eager", "timm_vit_unfused"}  # the other attention path of a model kept fast
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ZOO])
 def test_transformer_pruned_exactly_at_ratio(tmp_path, write_cfg, name):
     model = _model(name)
     case = ZOO[name]
@@ -229,21 +240,25 @@ def int8_coverage(path: str) -> Tuple[int, int]:
     return total, quantized
 
 
-@pytest.mark.parametrize("name", ["encoder", "direct_mha", "hf_vit_sdpa", "hf_bert_eager", "timm_vit"])
+@pytest.mark.parametrize("name", ["encoder", "direct_mha"] + [pytest.param(n, marks=pytest.mark.slow) for n in (
+    "hf_vit_sdpa", "hf_bert_eager", "timm_vit")])
 def test_transformer_int8_deploy(tmp_path, write_cfg, name):
     import onnxruntime as ort
 
     model = _model(name)
     x = ZOO[name].inputs(8)
     record = str(tmp_path / "r.txt")
+    start = time.perf_counter()
     cm = slimq.create_compressed_retrain_model(model, x, write_cfg(QUANT_CFG + PRUNE), record)
+    seconds = time.perf_counter() - start
     assert _heads(cm) == {n: kept_count(h, RATIO, False) for n, h in _heads(model).items()}
     cm.eval()
     _outputs(cm, x)  # first eval forward: factors into the record
     report = slimq.save_compressed_retrain_model(cm, record, str(tmp_path / "m"), x)
     total, quantized = int8_coverage(report.deploy_path)
     linears = sum(1 for m in cm.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-    print(f"\n{name}: int8 coverage {quantized}/{total} ({100 * quantized / total:.0f}%)")
+    print(f"\n{name}: int8 coverage {quantized}/{total} ({100 * quantized / total:.0f}%), create (prune + INT8) "
+          f"{seconds:.1f} s")
     assert total >= linears and quantized == total
     preds = []
     for path in (report.fake_quant_path, report.deploy_path):

@@ -782,6 +782,8 @@ def _head_elementwise(ctx: ChannelContext, node: Node, operands: Sequence[Any],
             elif lay.segs != base.segs:
                 ok &= ctx.couple(base, lay, ctx.describe(node))
             continue
+        if lay is not None:  # channels of another layout meet the heads: not proven
+            ok = False
         shape = ctx.operand_shape(op)
         if any(a - shift(op) >= 0 and shape[a - shift(op)] != 1 for a in axes):
             ok = False
@@ -793,12 +795,6 @@ def _head_elementwise(ctx: ChannelContext, node: Node, operands: Sequence[Any],
     ctx.set_out(node, base)
 
 
-def _head_pair(ctx: ChannelContext, node: Node, a: Any, b: Any) -> Tuple[Optional[Layout], Optional[Layout]]:
-    la = ctx.layout(a) if a is not None and ctx.is_data(a) else None
-    lb = ctx.layout(b) if b is not None and ctx.is_data(b) else None
-    return la, lb
-
-
 def f_matmul(ctx: ChannelContext, node: Node) -> None:
     """``q @ k^T`` (contracts the channels of each head: q and k tied, scores carry whole heads)
     and ``scores @ v`` (scores' heads tied with v's; the output has v's channels). Heads must be
@@ -806,7 +802,7 @@ def f_matmul(ctx: ChannelContext, node: Node) -> None:
     ops = _tensor_args(node)
     if len(ops) != 2 or not node.outputs:
         return f_unknown(ctx, node)
-    la, lb = _head_pair(ctx, node, ops[0], ops[1])
+    la, lb = (ctx.layout(t) if ctx.is_data(t) else None for t in ops)
     if not (la is not None and la.head and lb is not None and lb.head):
         return f_unknown(ctx, node)
     na, nb, nd = len(ctx.operand_shape(ops[0])), len(ctx.operand_shape(ops[1])), len(ctx.shape(node.outputs[0]))
