@@ -165,15 +165,20 @@ def test_transformer_pruned_exactly_at_ratio(tmp_path, write_cfg, name):
     assert report.macs_reduction > 0.25
 
 
-def test_restore_redoes_head_removal(tmp_path, write_cfg):
-    model = _model("encoder")
-    x = ZOO["encoder"].inputs(4)
+@pytest.mark.parametrize("name", ["encoder", pytest.param("timm_vit", marks=pytest.mark.slow)])
+def test_restore_redoes_head_removal(tmp_path, write_cfg, name):
+    model = _model(name)
+    x = ZOO[name].inputs(4)
     cfg, record, ckpt = write_cfg(PRUNE), str(tmp_path / "r.txt"), str(tmp_path / "c.pth")
     pruned = slimq.create_compressed_retrain_model(model, x, cfg, record)
     torch.save(pruned.state_dict(), ckpt)
-    restored = slimq.restore_compressed_retrain_model(_model("encoder"), x, cfg, record, ckpt)
+    restored = slimq.restore_compressed_retrain_model(_model(name), x, cfg, record, ckpt)
     assert _heads(restored) == _heads(pruned) == {n: 2 for n in _heads(model)}
-    fresh = ZOO["encoder"].inputs(3)
+    for n, m in restored.named_modules():  # timm's attn_dim follows the head count too
+        spec = head_spec(m)
+        for attr in spec.widths if spec is not None else ():
+            assert getattr(m, attr) == getattr(pruned.get_submodule(n), attr) == 2 * getattr(m, spec.head_dim)
+    fresh = ZOO[name].inputs(3)
     torch.testing.assert_close(_outputs(restored, fresh), _outputs(pruned, fresh), rtol=0, atol=0)
 
 

@@ -715,7 +715,8 @@ def _split_heads(ctx: ChannelContext, node: Node, vid: int, lin: Layout) -> bool
     spec = head_spec(m)
     if spec is None:  # a channel shuffle, or attention slimq could not update after removing heads
         where = f"'{node.scope}' ({type(m).__name__})" if node.scope and m is not None else "the model's forward"
-        ctx.block(lin, f"{ctx.describe(node)} reshapes across the channel axis (into {packs} x {heads} x {d}; "
+        into = " x ".join(str(n) for n in ((packs,) if packs > 1 else ()) + (heads, d))
+        ctx.block(lin, f"{ctx.describe(node)} reshapes across the channel axis (into {into}; "
                        "whole attention heads are removed only inside attention modules whose head count slimq "
                        "can update: SplitMultiheadAttention, timm Attention, Hugging Face BertSelfAttention and "
                        f"ViTAttention, and this reshape is in {where})")
