@@ -830,6 +830,8 @@ def f_attention(ctx: ChannelContext, node: Node) -> None:
     q, k, v = _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
     mask = _arg(node, 3, "attn_mask")
     lays = [ctx.layout(t) if t is not None and ctx.is_data(t) else None for t in (q, k, v)]
+    if not any(lay is not None and lay.head for lay in lays):
+        return f_unknown(ctx, node)  # no heads proven: channels in it are not followed
     reason = None
     if not all(lay is not None and lay.head for lay in lays):
         reason = f"{ctx.describe(node)} reads attention heads only in part of q, k and v"
