@@ -60,6 +60,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path):
         lines = (killed / "losses.txt").read_text().splitlines() if (killed / "losses.txt").exists() else []
         if len(lines) >= 10:
             break
+        assert proc.poll() is None, f"the training worker exited early (code {proc.returncode}); see its stderr"
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -27,7 +27,7 @@ class LayerReport:
     def reason(self) -> Optional[str]:
         """Why something configured is not done (blocked/skipped), if anything."""
         hits = [n for n in self.notes if "blocked" in n or "skipped" in n or "not called" in n
-                or "overrides forward" in n]
+                or "is not compressed" in n]
         return hits[0] if hits else None
 
     def to_dict(self) -> Dict[str, Any]:

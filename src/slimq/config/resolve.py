@@ -16,8 +16,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..graph.dataflow import Dataflow
-from ..graph.facts import nonnegative_input
-from ..nn.modules import compressed_class_for
+from ..graph.facts import layer_function_call, nonnegative_input
+from ..nn.modules import compressed_class_for, has_own_forward
 from .load import LayerOverride, ParsedConfig
 from .plan import (ActQuantSpec, ChannelPruneSpec, CompressionPlan, LayerPlan, Sparse24Spec,
                    WeightQuantSpec)
@@ -186,12 +186,21 @@ class _Resolver:
             return LayerPlan(name, type(module).__name__, notes=(
                 "not called as a module in the forward pass on input_data (unused, on a branch "
                 "input_data does not take, or its weights are used functionally by its parent)",))
-        if compressed_class_for(module) is None:
-            note = f"{type(module).__name__} overrides forward(); slimq does not replace custom forwards"
-            if not isinstance(prune, ChannelPruneSpec):
-                return LayerPlan(name, type(module).__name__, notes=(note,))
-            act = weight = None  # channel pruning works through the functions its forward calls
-            notes.append(note)
+        if has_own_forward(module):
+            why = layer_function_call(self.df, name)
+            if isinstance(prune, Sparse24Spec):
+                why = why or "2:4 masks apply to plain layers only"
+            if why is not None:
+                note = f"{type(module).__name__} has a forward of its own and is not compressed: {why}"
+                if not isinstance(prune, ChannelPruneSpec):
+                    return LayerPlan(name, type(module).__name__, notes=(note,))
+                act = weight = None  # channel pruning works through the functions its forward calls
+                notes.append(note)
+            else:
+                notes.append(f"{type(module).__name__} has a forward of its own: compressed at its "
+                             "conv/linear call, with the weight that forward passes")
+        elif compressed_class_for(module) is None:
+            return LayerPlan(name, type(module).__name__, notes=(f"{type(module).__name__} cannot be compressed",))
         if act is not None and act.fixed_min is None:
             fixed = nonnegative_input(self.df, name)  # a fixed lower clip is 0, as when configured
             act = replace(act, fixed_min=fixed, clip_min=0.0 if fixed and act.clip_min is not None else act.clip_min)

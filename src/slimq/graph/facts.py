@@ -11,13 +11,18 @@ from .layout import flat
 from .ops import Op, function_op, module_type_op
 
 __all__ = ["nonnegative_input", "foldable_batchnorms", "batchnorm_output", "unread_conv_outputs",
-           "output_channel_axis"]
+           "output_channel_axis", "layer_function_call", "batchnorm_tail"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _op(node: Node) -> Optional[Op]:
     return module_type_op(node.module_type) if node.is_module else function_op(node.target)
+
+
+def _reads_data(node: Node) -> bool:
+    """False for calls that read only a tensor's metadata (``x.ndim``, ``x.shape``, ``_assert``)."""
+    return node.is_module or function_op(node.target).family != "no_data"
 
 
 def nonnegative_input(df: Dataflow, module_name: str) -> bool:
@@ -100,6 +105,37 @@ def _bn_node(df: Dataflow, bn_name: str) -> Optional[Node]:
     return inner[0] if len(inner) == 1 else None
 
 
+def batchnorm_tail(df: Dataflow, bn_name: str) -> Optional[Tuple[str, ...]]:
+    """The child modules a BatchNorm applies after normalising (timm's ``BatchNormAct2d``:
+    ``drop``, ``act``), in order; ``()`` for a plain BatchNorm; None when its forward is not
+    exactly ``F.batch_norm`` on its input with its own statistics, then a chain of its direct
+    children ending at its output (then folding it would change what it computes)."""
+    calls = df.module_calls(bn_name)
+    if len(calls) != 1 or not calls[0].inputs or not calls[0].outputs:
+        return None
+    call = calls[0]
+    if not call.transparent:
+        return ()
+    if any(n.scope.startswith(bn_name + ".") for n in df.nodes):
+        return None  # a child with inner ops of its own
+    inner = [n for n in df.nodes if n.scope == bn_name and n.outputs]
+    if not inner or inner[0].target != "batch_norm" or inner[0].is_module or inner[0].inputs[:1] != call.inputs[:1]:
+        return None
+    node = inner[0]
+    own = [f"{bn_name}.{k}" for k in ("running_mean", "running_var", "weight", "bias")]
+    used = list(node.args[1:5]) + [node.kwargs.get(k) for k in ("weight", "bias")[len(node.args[3:5]):]]
+    if [getattr(a, "name", a) for a in used] not in (own, own[:2] + [None, None]):
+        return None  # it normalises with something else than its own statistics and affine
+    tail, vid = [], inner[0].outputs[0]
+    for node in inner[1:]:
+        child = node.target[len(bn_name) + 1:] if node.is_module and node.target.startswith(bn_name + ".") else ""
+        if not child or "." in child or node.inputs != [vid] or len(node.outputs) != 1:
+            return None
+        tail.append(child)
+        vid = node.outputs[0]
+    return tuple(tail) if vid == call.outputs[0] else None
+
+
 def batchnorm_output(df: Dataflow, bn_name: str) -> Optional[int]:
     """The value a BatchNorm's normalisation produced (before the activation of a BatchNorm
     subclass such as ``BatchNormAct2d``)."""
@@ -124,7 +160,7 @@ def foldable_batchnorms(df: Dataflow, modules: Dict[str, nn.Module]) -> Dict[str
                 not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
             continue
         vid = call.outputs[0]
-        users = df.consumers(vid)
+        users = [u for u in df.consumers(vid) if _reads_data(u)]
         if len(users) != 1 or df.is_output(vid):
             continue
         found = _bn_call(df, users[0], vid)
@@ -150,6 +186,8 @@ def _read_only_by_quantized(df: Dataflow, value_id: int, quantized: Set[str]) ->
         return False
     for nid, pos in users:
         node = df.nodes[nid]
+        if not _reads_data(node):
+            continue
         if pos == 0 and ((node.is_module and node.target in quantized) or
                          (not node.is_module and node.scope in quantized)):
             continue
@@ -181,3 +219,24 @@ def unread_conv_outputs(df: Dataflow, quantized: Set[str], bn_of: Dict[str, str]
         if not _read_only_by_quantized(df, vid, quantized):
             out.add(name)
     return out
+
+
+def layer_function_call(df: Dataflow, name: str) -> Optional[str]:
+    """Why the Conv/Linear subclass ``name`` (with a forward of its own) cannot be quantized at its
+    ``F.conv*``/``F.linear`` call, or None when it can: called once, its forward makes exactly one
+    such call, whose result is the module's output, with a bias that is the module's own ``bias``
+    (or none)."""
+    calls = df.module_calls(name)
+    if len(calls) != 1:
+        return f"called {len(calls)} times on input_data" if calls else "not called on input_data"
+    ops = [n for n in df.nodes if not n.is_module and (n.scope == name or n.scope.startswith(name + "."))
+           and function_op(n.target).family in ("conv", "linear")]
+    if len(ops) != 1:
+        return f"its forward makes {len(ops)} conv/linear calls (one is needed)"
+    node = ops[0]
+    if node.outputs[:1] != calls[0].outputs[:1]:
+        return "its forward computes more after the conv/linear call"
+    bias = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
+    if bias is not None and not (isinstance(bias, External) and bias.name == f"{name}.bias"):
+        return "the bias its forward passes is not its own bias parameter"
+    return None

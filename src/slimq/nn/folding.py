@@ -106,9 +106,10 @@ def _folded(layer, scale: Tensor, bias: Optional[Tensor]):
 
 
 @torch.no_grad()
-def integerize(layer) -> IntegerLayer:
-    """Integer-grid form of a quantized compressed layer (and of its BatchNorm, if any)."""
-    w = layer.masked_weight().detach().float()
+def integerize(layer, weight: Optional[Tensor] = None) -> IntegerLayer:
+    """Integer-grid form of a quantized compressed layer (and of its BatchNorm, if any);
+    ``weight``: the float weight its op uses, when a subclass's forward computes it."""
+    w = (layer.masked_weight() if weight is None else weight).detach().float()
     w2d = out_major(layer, w)
     sign = layer.channel_sign()
     raw = layer.weight_quant.current_scale(w2d, sign).float().to(w.device)

@@ -13,13 +13,15 @@ no links outside their own submodules; the record collector observes them throug
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional, Tuple, Type
+from typing import Callable, Dict, Iterator, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ..config.plan import ActQuantSpec, LayerPlan
+from ..errors import GraphError
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..record.store import OUTPUT_SUFFIX
 from .folding import IntegerLayer, channel_shape, from_out_major, integerize, out_major
@@ -32,7 +34,9 @@ __all__ = [
     "CompressedConvTranspose1d",
     "CompressedConvTranspose2d",
     "CompressedLinear",
+    "FunctionalCompressedLayer",
     "COMPRESSED_CLASSES",
+    "has_own_forward",
     "AccumulatorTap",
     "compress_module",
     "compressed_class_for",
@@ -130,48 +134,63 @@ class CompressedLayer(nn.Module):
         w = self.weight
         return self.sparsity(w, self.training) if self.sparsity is not None else w
 
-    def quantized_weight(self) -> Tensor:
-        """The weight the training forward uses: 2:4-masked, then fake-quantized."""
-        w = self.masked_weight()
+    def quantized_weight(self, weight: Optional[Tensor] = None) -> Tensor:
+        """The weight the training forward uses: 2:4-masked (or the one a subclass's forward
+        computed, e.g. standardised), then fake-quantized."""
+        w = self.masked_weight() if weight is None else weight
         if self.weight_quant is None:
             return w
         w2d = self.weight_quant(out_major(self, w), self.channel_sign())
         return from_out_major(self, w2d, w.shape)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if self.act_quant is not None and not self.training:
-            return self._eval_forward(x, *args, **kwargs)
-        if self.act_quant is not None and not self.act_shared:
+        return self.finish(self.run(x, lambda i, w, b: layer_compute(self, i, w, b, *args, **kwargs)))
+
+    def run(self, x: Tensor, op: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor],
+            weight: Optional[Tensor] = None) -> Tensor:
+        """The layer's ``op(input, weight, bias)`` compressed: fake-quantized in training, on the
+        integer grid in eval. ``weight`` is the float weight the op uses (default: the layer's,
+        2:4-masked)."""
+        if self.act_quant is None:
+            return op(x, self.masked_weight() if weight is None else weight, self.bias)
+        if not self.training:
+            return self._eval_run(x, op, weight)
+        if not self.act_shared:
             x = self.act_quant(x)
-        y = layer_compute(self, x, self.quantized_weight(), self.bias, *args, **kwargs)
-        if self.bn is not None:
+        return op(x, self.quantized_weight(weight), self.bias)
+
+    def finish(self, y: Tensor) -> Tensor:
+        """After the op: the BatchNorm this layer folds (training) and the output quantizer."""
+        if self.act_quant is None:
+            return y
+        if self.bn is not None and self.training:
             y = self.bn(y)
         return self.out_quant(y) if self.out_quant is not None else y
 
-    def integer_form(self) -> IntegerLayer:
+    def integer_form(self, weight: Optional[Tensor] = None) -> IntegerLayer:
         """The integer form of this layer now, recomputed only when a tensor it depends on
-        changed (so an eval loop quantizes the weights once, not once per batch)."""
+        changed (so an eval loop quantizes the weights once, not once per batch). ``weight``: the
+        float weight a subclass's forward computed from its parameters."""
         key = _versions(self)
         cached = self.__dict__.get("_integer_cache")
         if cached is not None and key and cached[0] == key:
             return cached[1]
-        form = integerize(self)
+        form = integerize(self, weight)
         self.__dict__["_integer_cache"] = (key, form)
         return form
 
     @torch.no_grad()
-    def _eval_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """The integer-grid computation the exported models perform (see ``nn.folding``)."""
+    def _eval_run(self, x: Tensor, op, weight: Optional[Tensor]) -> Tensor:
+        """The integer-grid computation the exported models perform (see ``nn.folding``); the
+        folded BatchNorm is in the divisor and the int32 bias."""
         self.act_quant.warn_if_provisional()
-        form = self.integer_form()
+        form = self.integer_form(weight)
         x_int = form.act.index(x)
         with _exact(x_int, form.act.bits):
-            acc = layer_compute(self, x_int, form.q.to(x_int.device), form.bias_int, *args, **kwargs)
+            acc = op(x_int, form.q.to(x_int.device), form.bias_int)
         channel_dim = self.output_channel_dim(acc)
         acc = self.acc_tap(acc, channel_dim)
         y = acc / channel_shape(form.divisor.to(acc.device), acc.dim(), channel_dim)
-        if self.out_quant is not None:
-            y = self.out_quant(y)
         return y.to(x.dtype)
 
     def __getstate__(self):
@@ -207,8 +226,69 @@ class CompressedLinear(CompressedLayer, nn.Linear):
     pass
 
 
-# Exact float class -> compressed class. Subclasses of these with their own forward are not
-# wrapped (their forward would be silently replaced).
+_LAYER_FUNCTIONS = {nn.Linear: (F.linear,), nn.Conv1d: (torch.conv1d,), nn.Conv2d: (torch.conv2d,),
+                    nn.Conv3d: (torch.conv3d,)}
+
+
+class _LayerCall(TorchFunctionMode):
+    """While a subclass's own forward runs: its (one) conv/linear call goes through the layer's
+    compressed ``run``, with the arguments that forward passes (a standardised weight, padding)."""
+
+    def __init__(self, layer: "FunctionalCompressedLayer", handle: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.layer, self.handle = layer, handle
+        self.functions = next(f for base, f in _LAYER_FUNCTIONS.items() if isinstance(layer, base))
+        self.seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.seen or func not in self.functions:
+            return func(*args, **kwargs)
+        self.seen = True  # (modes are off inside this handler: the layer's own ops run plainly)
+        return self.handle(func, args, kwargs)
+
+
+def _split_call(args, kwargs):
+    """(input, weight, bias, op) of a ``F.conv*``/``F.linear`` call: op(i, w, b) repeats it with
+    the other arguments it had (stride, padding, dilation, groups)."""
+    names = ("input", "weight", "bias")
+    given = dict(zip(names, args))
+    given.update({k: kwargs[k] for k in names if k in kwargs})
+    rest = args[3:]
+    other = {k: v for k, v in kwargs.items() if k not in names}
+    return given["input"], given["weight"], given.get("bias"), rest, other
+
+
+class FunctionalCompressedLayer(CompressedLayer):
+    """A Conv/Linear *subclass* with a forward of its own (timm's ``Conv2dSame``, the
+    weight-standardised ``ScaledStdConv2d``, timm's ``Linear``): its forward runs unchanged, and
+    the one ``F.conv*``/``F.linear`` call it makes is compressed, with the weight it passes."""
+
+    _float_forward: Callable[..., Tensor]
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        def handle(func, a, k):
+            x, w, _, rest, other = _split_call(a, k)
+            op = lambda i, ww, b: func(i, ww, b, *rest, **other)  # noqa: E731
+            return self.run(x, op, None if w is self.weight else w)
+
+        with _LayerCall(self, handle) as call:
+            y = type(self)._float_forward(self, *args, **kwargs)
+        if not call.seen:
+            raise GraphError(f"layer '{self.layer_name}' ({type(self).__name__}) made no conv/linear call in "
+                             "this forward; it was compressed at the one it made on input_data")
+        return self.finish(y)
+
+
+def functional_class(module: nn.Module) -> Type[CompressedLayer]:
+    """A compressed class for the Conv/Linear subclass of ``module`` (made per call: no cache)."""
+    user = type(module)
+    return type(f"Compressed{user.__name__}", (FunctionalCompressedLayer, user),
+                {"__module__": __name__, "_float_forward": user.forward})
+
+
+# Exact float class -> compressed class. Subclasses of these with their own forward get a class
+# of their own (functional_class), when the dataflow shows they can (graph.facts.layer_function_call).
 COMPRESSED_CLASSES: Dict[Type[nn.Module], Type[CompressedLayer]] = {
     nn.Conv1d: CompressedConv1d,
     nn.Conv2d: CompressedConv2d,
@@ -219,14 +299,23 @@ COMPRESSED_CLASSES: Dict[Type[nn.Module], Type[CompressedLayer]] = {
 }
 
 
-def compressed_class_for(module: nn.Module) -> Optional[Type[CompressedLayer]]:
-    """The wrapper class for ``module``, or None if it has a forward of its own / is unsupported."""
+def compressed_class_for(module: nn.Module, functional: bool = False) -> Optional[Type[CompressedLayer]]:
+    """The wrapper class for ``module``; for a Conv/Linear subclass with a forward of its own only
+    with ``functional`` (the caller checked its forward's conv/linear call), else None."""
     if isinstance(module, CompressedLayer):
         return None
     for base, cls in COMPRESSED_CLASSES.items():
         if isinstance(module, base) and type(module).forward is base.forward:
             return cls
+    if functional and isinstance(module, tuple(_LAYER_FUNCTIONS)):
+        return functional_class(module)
     return None
+
+
+def has_own_forward(module: nn.Module) -> bool:
+    """A Conv/Linear subclass whose forward is not its torch.nn class's."""
+    return isinstance(module, tuple(COMPRESSED_CLASSES)) and not any(
+        isinstance(module, base) and type(module).forward is base.forward for base in COMPRESSED_CLASSES)
 
 
 def rebase_module(module: nn.Module, cls: type) -> nn.Module:
@@ -253,7 +342,7 @@ def compress_module(module: nn.Module, plan: LayerPlan, batch_num: int,
     the layer's folded BatchNorm; ``out_quant`` adds a ULQ quantizer on the layer's output
     (after ``bn``), recorded as ``<layer>:output``.
     """
-    cls = compressed_class_for(module)
+    cls = compressed_class_for(module, functional=True)
     if cls is None:
         raise TypeError(f"layer '{plan.name}' ({type(module).__name__}) cannot be compressed")
     new = rebase_module(module, cls)

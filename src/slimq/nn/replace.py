@@ -1,12 +1,15 @@
 """Putting compressed layers into a model: module replacement, BatchNorm folding, calibration.
 
 This is the only code that swaps modules inside a model. A folded BatchNorm moves into its
-layer (``layer.bn``) and leaves a :class:`FoldedIntoLayer` placeholder (an identity) where it
-stood, so the model's own forward still calls it and the layer computes ``bn(conv(x))``.
+layer (``layer.bn``, a plain BatchNorm) and leaves a :class:`FoldedIntoLayer` placeholder where it
+stood, so the model's own forward still calls it and the layer computes ``bn(conv(x))``. The
+placeholder is an identity, or for a BatchNorm subclass that applies children after normalising
+(timm's ``BatchNormAct2d``: ``drop``, ``act``) it holds and applies those children.
 """
 from __future__ import annotations
 
 from collections import Counter
+from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -17,7 +20,7 @@ from .._calls import ModelInputs, call, eval_mode
 from ..config.plan import ActQuantSpec, CompressionPlan
 from ..errors import RecordError
 from ..graph.dataflow import Dataflow
-from ..graph.facts import foldable_batchnorms, unread_conv_outputs
+from ..graph.facts import batchnorm_tail, foldable_batchnorms, unread_conv_outputs
 from ..graph.int8 import Int8Plan, OutputPoint, int8_points
 from ..quant.quantizers import ActQuantizer
 from ..record.store import INPUT_SUFFIX, OUTPUT_SUFFIX, SelectiveMaskInfo, point_module
@@ -33,15 +36,40 @@ __all__ = ["FoldedIntoLayer", "ModuleIndex", "FOLDABLE_BATCHNORMS", "OutputQuant
 FOLDABLE_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-class FoldedIntoLayer(nn.Identity):
-    """Where a BatchNorm stood before it was folded into a quantized layer (identity)."""
+class FoldedIntoLayer(nn.Module):
+    """Where a BatchNorm stood before it was folded into a quantized layer: an identity, then the
+    children the BatchNorm applied after normalising (a ``BatchNormAct2d``'s ``drop`` and ``act``)."""
 
-    def __init__(self, layer_name: str) -> None:
+    def __init__(self, layer_name: str, tail: Mapping[str, nn.Module] = MappingProxyType({})) -> None:
         super().__init__()
         self.layer_name = layer_name
+        for key, child in tail.items():
+            self.add_module(key, child)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for child in self._modules.values():
+            x = child(x)
+        return x
 
     def extra_repr(self) -> str:
         return f"folded into {self.layer_name!r}"
+
+
+def _foldable_batchnorm(df: Dataflow, name: str, bn: nn.Module) -> bool:
+    return type(bn) in FOLDABLE_BATCHNORMS or (isinstance(bn, FOLDABLE_BATCHNORMS) and
+                                               batchnorm_tail(df, name) is not None)
+
+
+def _plain_batchnorm(bn: nn.Module) -> nn.Module:
+    """The torch.nn BatchNorm of a BatchNorm subclass, holding the same parameter and buffer tensors."""
+    if type(bn) in FOLDABLE_BATCHNORMS:
+        return bn
+    base = next(c for c in type(bn).__mro__ if c in FOLDABLE_BATCHNORMS)
+    plain = base(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    plain._parameters = type(plain._parameters)(bn._parameters)
+    plain._buffers = type(plain._buffers)(bn._buffers)
+    plain.train(bn.training)
+    return plain
 
 
 class ModuleIndex:
@@ -83,7 +111,7 @@ def insert_compressed_layers(model: nn.Module, plan: CompressionPlan, df: Datafl
         RecordError: ``masks`` lacks a planned 2:4 layer or has another shape.
     """
     modules = dict(model.named_modules())
-    bn_of = {k: v for k, v in foldable_batchnorms(df, modules).items() if type(modules[v]) in FOLDABLE_BATCHNORMS}
+    bn_of = {k: v for k, v in foldable_batchnorms(df, modules).items() if _foldable_batchnorm(df, v, modules[v])}
     quantized = {lp.name for lp in plan.quantized}
     outputs = unread_conv_outputs(df, quantized, bn_of, modules) if plan.conv_outputs else set()
     int8 = int8_points(df, quantized, outputs, bn_of) if plan.conv_outputs and quantized else Int8Plan([], {}, set())
@@ -98,12 +126,12 @@ def insert_compressed_layers(model: nn.Module, plan: CompressionPlan, df: Datafl
         if lp.sparse24 is not None:
             saved = _saved_mask(masks, lp.name, old, source) if masks is not None else None
             sparsity = Sparse24Mask(old.weight, in_channel_axis(old), lp.sparse24.update_freq, mask=saved)
-        bn = modules.get(bn_of.get(lp.name, "")) if lp.quantized else None
-        if type(bn) not in FOLDABLE_BATCHNORMS:
-            bn = None
-        new = compress_module(old, lp, plan.batch_num, sparsity, bn=bn, out_quant=lp.name in outputs)
+        bn = modules[bn_of[lp.name]] if lp.quantized and lp.name in bn_of else None
+        plain = _plain_batchnorm(bn) if bn is not None else None
+        new = compress_module(old, lp, plan.batch_num, sparsity, bn=plain, out_quant=lp.name in outputs)
         if bn is not None:
-            index.replace(bn, FoldedIntoLayer(lp.name))
+            tail = batchnorm_tail(df, bn_of[lp.name]) or ()
+            index.replace(bn, FoldedIntoLayer(lp.name, {k: bn._modules[k] for k in tail}))
         index.replace(old, new)
         layers[lp.name] = new
     _attach_points(model, plan, int8, layers)

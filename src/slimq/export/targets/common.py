@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ...nn.folding import IntegerLayer
-from ...nn.modules import COMPRESSED_CLASSES, layer_compute, rebase_module
+from ...nn.modules import (COMPRESSED_CLASSES, FunctionalCompressedLayer, _LayerCall, _split_call, layer_compute,
+                           rebase_module)
 
 __all__ = ["StandIn", "stand_in_classes", "build_stand_in", "plain_float_layer", "base_class"]
 
@@ -33,12 +34,23 @@ def base_class(layer: nn.Module) -> Type[nn.Module]:
 
 
 class StandIn(nn.Module):
-    """Mixin of every stand-in; a target subclasses it and implements ``setup`` and ``forward``."""
+    """Mixin of every stand-in; a target subclasses it and implements ``setup``, ``target``
+    (the layer's ``op(input, weight, bias)`` in the target's form) and ``finish`` (the output
+    quantizer)."""
 
     layer_name: str
 
     def setup(self, form: IntegerLayer) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def target(self, x: Tensor, op) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finish(self, y: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, output_size=None) -> Tensor:
+        return self.finish(self.target(x, lambda i, w, b: self.compute(i, w, b, output_size)))
 
     def compute(self, x: Tensor, w: Tensor, bias: Optional[Tensor], output_size=None) -> Tensor:
         """The float layer's op (conv with its stride/padding/groups, or linear)."""
@@ -56,6 +68,22 @@ class StandIn(nn.Module):
         shape = [1] * y.dim()
         shape[self.channel_dim(y)] = -1
         return per_channel.reshape(shape)
+
+
+class FunctionalStandIn(StandIn):
+    """The stand-in of a Conv/Linear subclass with a forward of its own: that forward runs, and
+    its conv/linear call goes through the target (see ``nn.modules.FunctionalCompressedLayer``)."""
+
+    _float_forward = None
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        def handle(func, a, k):
+            x, _, _, rest, other = _split_call(a, k)
+            return self.target(x, lambda i, w, b: func(i, w, b, *rest, **other))
+
+        with _LayerCall(self, handle):
+            y = type(self)._float_forward(self, *args, **kwargs)
+        return self.finish(y)
 
 
 def stand_in_classes(mixin: Type[StandIn], prefix: str) -> Mapping[Type[nn.Module], type]:
@@ -77,7 +105,14 @@ def _stripped(layer: nn.Module, cls: type) -> nn.Module:
 def build_stand_in(layer: nn.Module, classes: Mapping[Type[nn.Module], type], form: IntegerLayer,
                    **options) -> nn.Module:
     """The stand-in of a quantized ``layer`` for the target whose classes are ``classes``."""
-    module = _stripped(layer, classes[base_class(layer)])
+    cls = classes[base_class(layer)]
+    if isinstance(layer, FunctionalCompressedLayer):  # the user's subclass, behind the target
+        user = type(layer).__bases__[1]  # functional_class(module) is (FunctionalCompressedLayer, user)
+        mixin = cls.__mro__[1]
+        cls = type(f"{cls.__name__[:-len(base_class(layer).__name__)]}{user.__name__}",
+                   (mixin, FunctionalStandIn, user), {"__module__": mixin.__module__,
+                                                      "_float_forward": type(layer)._float_forward})
+    module = _stripped(layer, cls)
     module.setup(form, **options)
     return module
 

@@ -72,11 +72,12 @@ class DeployLayer(StandIn):
         self.w_bits = form.weight.bits
         self.int4_weight = form.weight.bits == 4
         self.float_weight = transposed and self.groups > 1 and per_channel
-        self.w_axis = 1 if (transposed or linear) else 0
+        self.functional = getattr(self, "_float_forward", None) is not None
+        self.w_axis = 1 if (transposed or (linear and not self.functional)) else 0
         if self.float_weight:
             self.register_buffer("w_float", form.q * scale_like_weight(self, form.weight.scale, form.q.shape))
         else:
-            q = form.q.t().contiguous() if linear else form.q  # Linear: x @ W^T reads DequantizeLinear directly
+            q = form.q.t().contiguous() if linear and not self.functional else form.q  # Linear: x @ W^T
             storage, zero = _weight_storage(form.weight.bits, signed_weights)
             self.register_buffer("w_q", (q + zero).to(storage))
             scale = form.weight.scale if per_channel else form.weight.scale.reshape(())
@@ -90,16 +91,16 @@ class DeployLayer(StandIn):
             self.register_buffer("b_scale", b_scale.clone())
             self.register_buffer("b_zero", torch.zeros(b_scale.shape, dtype=torch.int32))
 
-    def forward(self, x: Tensor, output_size=None) -> Tensor:
-        if self.act_qdq is not None:
-            x = self.act_qdq(x)
+    def target(self, x: Tensor, op) -> Tensor:
+        x = self.act_qdq(x)
         w = self.w_float if self.float_weight else dequant(self.w_q, self.w_scale, self.w_zero, self.w_axis)
         bias = None if self.b_q is None else dequant(self.b_q, self.b_scale, self.b_zero, 0)
-        if isinstance(self, nn.Linear):
-            y = torch.matmul(x, w.t() if self.float_weight else w)
-            y = y + bias if bias is not None else y
-        else:
-            y = self.compute(x, w, bias, output_size)
+        if isinstance(self, nn.Linear) and not self.functional:
+            y = torch.matmul(x, w.t() if self.float_weight else w)  # x @ W^T reads DequantizeLinear directly
+            return y + bias if bias is not None else y
+        return op(x, w, bias)  # a subclass's own F.linear call takes W as [out, in]
+
+    def finish(self, y: Tensor) -> Tensor:
         return self.out_qdq(y) if self.out_qdq is not None else y
 
 

@@ -35,10 +35,12 @@ class FakeQuantLayer(StandIn):
         if self.has_out:
             _grid_buffers(self, "out", form.out)
 
-    def forward(self, x: Tensor, output_size=None) -> Tensor:
+    def target(self, x: Tensor, op) -> Tensor:
         x_int = torch.clamp(torch.round(x / self.act_scale), self.act_lo, self.act_hi)
-        acc = self.compute(x_int, self.q, self.bias_int, output_size)
-        y = acc / self.along_channels(self.divisor, acc)
+        acc = op(x_int, self.q, self.bias_int)
+        return acc / self.along_channels(self.divisor, acc)
+
+    def finish(self, y: Tensor) -> Tensor:
         if self.has_out:
             y = torch.clamp(torch.round(y / self.out_scale), self.out_lo, self.out_hi) * self.out_scale
         return y
