@@ -182,6 +182,29 @@ def test_restore_redoes_head_removal(tmp_path, write_cfg, name):
     torch.testing.assert_close(_outputs(restored, fresh), _outputs(pruned, fresh), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("copy,tested,prefixes", [
+    ("electra.modeling_electra.ElectraSelfAttention", "bert.modeling_bert.BertSelfAttention", ("Electra", "Bert")),
+    ("deit.modeling_deit.DeiTAttention", "vit.modeling_vit.ViTAttention", ("DeiT", "ViT")),
+    ("dinov2.modeling_dinov2.Dinov2Attention", "vit.modeling_vit.ViTAttention", ("Dinov2", "ViT")),
+])
+def test_attention_classes_listed_as_copies_are_copies(copy, tested, prefixes):
+    """HEAD_MODULES lists these Hugging Face classes untested by a model of their own because
+    their source is the tested class' with another name; a diverging release must be re-checked."""
+    import importlib
+    import inspect
+
+    from slimq.graph.members import HEAD_MODULES
+
+    pytest.importorskip("transformers")
+    classes = []
+    for path in (copy, tested):
+        module, _, name = f"transformers.models.{path}".rpartition(".")
+        classes.append(getattr(importlib.import_module(module), name))
+    assert f"{classes[0].__module__}.{classes[0].__qualname__}" in HEAD_MODULES
+    sources = [inspect.getsource(c).replace(p, "X") for c, p in zip(classes, prefixes)]
+    assert sources[0] == sources[1]
+
+
 def test_heads_stay_whole_in_an_unknown_attention_module(tmp_path, write_cfg):
     """A module slimq cannot update after removing heads (its forward might hard-code the head
     count or split by it) keeps its heads, with the reason naming the reshape."""

@@ -154,6 +154,13 @@ HEAD_MODULES: Mapping[str, HeadSpec] = MappingProxyType({
         "attention_head_size", "num_attention_heads", ("query", "key", "value"), widths=("all_head_size",)),
     "transformers.models.vit.modeling_vit.ViTAttention": HeadSpec(
         "head_dim", "num_attention_heads", ("q_proj", "k_proj", "v_proj")),
+    # the same code under other names (tests/test_zoo_transformers.py checks the source is identical)
+    "transformers.models.electra.modeling_electra.ElectraSelfAttention": HeadSpec(
+        "attention_head_size", "num_attention_heads", ("query", "key", "value"), widths=("all_head_size",)),
+    "transformers.models.deit.modeling_deit.DeiTAttention": HeadSpec(
+        "head_dim", "num_attention_heads", ("q_proj", "k_proj", "v_proj")),
+    "transformers.models.dinov2.modeling_dinov2.Dinov2Attention": HeadSpec(
+        "head_dim", "num_attention_heads", ("q_proj", "k_proj", "v_proj")),
 })
 
 

@@ -31,7 +31,7 @@ from .context import ChannelContext
 from .dataflow import External, Node, Opaque, ValueRef
 from .layout import (Derived, Layout, Seg, TensorDim, flat, head_merge, head_split, index_items, permute_order,
                      reduced_dims, reshape_axis, slice_bounds)
-from .members import head_spec, is_channelwise
+from .members import HEAD_MODULES, head_spec, is_channelwise
 from .ops import normalize
 
 __all__ = ["MODULE_RULES", "FUNCTION_RULES", "DERIVED_RULES", "HEAD_FAMILIES", "HEAD_MODULE_FAMILIES"]
@@ -718,8 +718,8 @@ def _split_heads(ctx: ChannelContext, node: Node, vid: int, lin: Layout) -> bool
         into = " x ".join(str(n) for n in ((packs,) if packs > 1 else ()) + (heads, d))
         ctx.block(lin, f"{ctx.describe(node)} reshapes across the channel axis (into {into}; "
                        "whole attention heads are removed only inside attention modules whose head count slimq "
-                       "can update: SplitMultiheadAttention, timm Attention, Hugging Face BertSelfAttention and "
-                       f"ViTAttention, and this reshape is in {where})")
+                       f"can update: {', '.join(k.rpartition('.')[2] for k in HEAD_MODULES)}; this reshape is in "
+                       f"{where})")
         ctx.set_out(node, None)
         return True
     what = f"{ctx.describe(node)} splits these channels into {heads} attention heads of {d}"
