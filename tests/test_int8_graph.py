@@ -13,6 +13,7 @@ import torchvision
 from torch import nn
 
 import slimq
+from slimq.nn.replace import ENTRY_ATTR, POINT_ATTR
 from conftest import QUANT_CFG
 from helpers import ort_run, rel_l2
 
@@ -71,6 +72,11 @@ def test_deploy_graph_is_int8_end_to_end(tmp_path, write_cfg, name):
     x = torch.randn(4, 3, 32, 32)
     record = str(tmp_path / "r.txt")
     cm = slimq.create_compressed_retrain_model(MODELS[name]().eval(), x, write_cfg(QUANT_CFG), record)
+    # a point's quantizer never lives in a container: nn.Sequential would run it as a layer
+    # (MobileNetV2's classifier once quantized its logits on its input grid, clipping them at 0)
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    assert not [n for n, m in cm.named_modules() if isinstance(m, containers) and
+                {POINT_ATTR, ENTRY_ATTR} & set(m._modules)]
     cm.train()
     opt = torch.optim.SGD(cm.parameters(), lr=1e-3)
     for _ in range(2):

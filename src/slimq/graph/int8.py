@@ -84,19 +84,30 @@ def int8_op(node: Node) -> Optional[str]:
     return None
 
 
+# Containers run every child (nn.Sequential) or are indexed and counted by the model
+# (``self.blocks[-1]``, ``len(self.layers)``): a point's quantizer, a child of its module, must
+# not live in one.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _can_host(call: Node) -> bool:
+    return call.module_type is None or not issubclass(call.module_type, _CONTAINERS)
+
+
 class _Analysis:
     def __init__(self, df: Dataflow, quantized: Set[str], conv_outputs: Set[str], bn_of: Dict[str, str]) -> None:
         self.df = df
         self.quantized = quantized
         self.bn_of = bn_of
         counts = df.called_modules()
+        hosts = [c for c in df.iter_module_calls() if c.target and counts.get(c.target) == 1 and _can_host(c)]
         self.holder: Dict[int, str] = {}  # value -> innermost once-called module producing it
-        for call in df.iter_module_calls():  # in call order: an inner call starts after its container
-            if call.target and counts.get(call.target) == 1 and len(call.outputs) == 1:
+        for call in hosts:  # in call order: an inner call starts after its container
+            if len(call.outputs) == 1:
                 self.holder[call.outputs[0]] = call.target
         self.entry: Dict[int, str] = {}  # value -> once-called module that alone reads it, as its input
-        for call in df.iter_module_calls():
-            if call.target and counts.get(call.target) == 1 and call.inputs and self._inside(call.inputs[0], call.target):
+        for call in hosts:
+            if call.inputs and self._inside(call.inputs[0], call.target):
                 self.entry.setdefault(call.inputs[0], call.target)
         self.conv_out: Dict[int, str] = {}  # value -> conv layer whose output quantizer covers it
         for name in conv_outputs:
