@@ -83,14 +83,24 @@ def test_ulq_clip_gradients_match_finite_differences(bits):
     assert abs(fd_max) > 1 and abs(fd_min) > 1  # the check is not trivially zero
 
 
-def test_ulq_nan_in_training_names_the_layer():
-    x = torch.randn(100)
-    x[3] = float("nan")
+@pytest.mark.parametrize("bad", ["input", "gradient"])
+def test_ulq_nan_in_training_poisons_the_clip_gradients(bad):
+    """The backward does not raise (that would need a host sync): NaN in the input or in the
+    gradient shows as non-finite clip gradients, which the quantizer's check reads."""
+    x, g = torch.randn(100), torch.randn(100)
+    (x if bad == "input" else g)[3] = float("nan")
     x.requires_grad_()
     cm, cn = _clips(1.0, -1.0)
-    y = Fq.ulq_fake_quant(x, cm, cn, 8, name="features.3")
-    with pytest.raises(ArithmeticError, match="features.3"):
-        y.sum().backward()
+    Fq.ulq_fake_quant(x, cm, cn, 8).backward(g)
+    assert not torch.isfinite(cm.grad).all() and not torch.isfinite(cn.grad).all()
+    q = ActQuantizer(ActQuantSpec(bits=8, fixed_min=True, clip_max=1.0, clip_min=0.0), layer_name="features.3").train()
+    q(torch.randn(50)).sum().backward()
+    assert not bool(q.saw_nonfinite())
+    xq = torch.randn(50)
+    xq[0] = float("inf") if bad == "input" else 0.0
+    q.clip_max.grad = None
+    q(xq).backward(torch.full((50,), float("nan")) if bad == "gradient" else torch.ones(50))
+    assert bool(q.saw_nonfinite())
 
 
 @pytest.mark.parametrize("bits", [4, 8])
