@@ -46,6 +46,16 @@ def _samples(x: Tensor) -> Tensor:
     return flat.float()
 
 
+def _kth_smallest(samples: Tensor, k: int) -> Tensor:
+    """The ``k``-th smallest of the 1-D ``samples`` (0-dim, on their device). The extremes, which
+    the 99.9999th percentile is below a million samples, are a max/min, not a selection."""
+    if k == samples.numel():
+        return samples.max()
+    if k == 1:
+        return samples.min()
+    return torch.kthvalue(samples.cpu(), k).values.to(samples.device)
+
+
 class ActQuantizer(nn.Module):
     """ULQ fake-quant of an activation with learnable ``clip_max`` / ``clip_min``.
 
@@ -194,12 +204,12 @@ class ActQuantizer(nn.Module):
     def _percentiles(self, samples: Tensor, collective: bool) -> Tuple[Tensor, Tensor]:
         k = samples.numel()
         hi_k = min(k, max(1, math.ceil(Fq.IFMR_PERCENTILE * k)))
-        hi = torch.kthvalue(samples.cpu(), hi_k).values.clamp(min=0.0).to(samples.device)
+        hi = _kth_smallest(samples, hi_k).clamp(min=0.0)
         if self.fixed_min:
             lo = torch.zeros((), device=samples.device)
         else:
             lo_k = max(1, min(k, math.floor((1 - Fq.IFMR_PERCENTILE) * k) + 1))
-            lo = torch.kthvalue(samples.cpu(), lo_k).values.clamp(max=0.0).to(samples.device)
+            lo = _kth_smallest(samples, lo_k).clamp(max=0.0)
         if collective:
             hi_lo = torch.stack([hi, -lo]).reshape(2)
             dist.all_reduce(hi_lo, op=dist.ReduceOp.MAX)
