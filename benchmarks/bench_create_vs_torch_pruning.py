@@ -81,7 +81,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", metavar="MODEL", help="cProfile one create on resnet50 or a timm model")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     if args.profile:

@@ -147,7 +147,10 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="eager variants only")
     ap.add_argument("--compile-ao", action="store_true", help="also torch.compile the torch.ao model")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N ops of a slimq step")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     warnings.simplefilter("ignore")
     print(machine_line(device), "(before)")

@@ -100,34 +100,65 @@ class _ULQ(torch.autograd.Function):
                 fp16_scale: bool) -> Tensor:
         scale, offset = ulq_scale_offset(clip_max.reshape(()), clip_min.reshape(()), bits, fp16_scale)
         qmin, qmax = qrange(bits)
+        lo, hi = qmin - offset, qmax - offset  # bounds of round(x/s), o being an integer
         xf = x if x.dtype == torch.float32 else x.float()
-        y, code = _ulq_code(xf, scale, qmin - offset, qmax - offset)
-        ctx.save_for_backward(code)
         ctx.bits, ctx.fixed_min = bits, fixed_min
         ctx.clip_shapes = (clip_max.shape, clip_min.shape)
+        ctx.bounds = None
+        if xf.is_cuda or torch.compiler.is_compiling():
+            y, code = _ulq_code(xf, scale, lo, hi)
+            ctx.save_for_backward(code)
+        else:  # eager CPU: 4 in-place passes, x kept (often alive anyway), Python-number bounds
+            ctx.bounds = (float(lo), float(hi))  # a CPU scalar read, not a device sync
+            y = torch.div(xf, scale).round_().clamp_(*ctx.bounds).mul_(scale)
+            ctx.save_for_backward(xf, scale)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (code,) = ctx.saved_tensors
         g = grad if grad.dtype == torch.float32 else grad.float()
-        flat_code = code.reshape(-1)
-        gc = code.abs().floor_().mul_(g).reshape(-1)  # the gradient of clamped elements
-        clipped = gc.sum()  # upper + lower
-        signed = torch.dot(gc, flat_code)  # lower - upper (code is -1 above, +1 below)
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.sub(g.reshape(-1), gc)
-            err = torch.dot(gx, flat_code)  # sum over in-range elements of g * (round(x/s) - x/s)
-            gx = gx.reshape(grad.shape)
-            gx = gx if gx.dtype == grad.dtype else gx.to(grad.dtype)
+        if ctx.bounds is None:
+            gx, err, upper, lower = _ulq_sums_from_code(g, *ctx.saved_tensors, ctx.needs_input_grad[0])
         else:
-            err = torch.dot(g.reshape(-1), flat_code) - signed
+            gx, err, upper, lower = _ulq_sums_from_x(g, *ctx.saved_tensors, ctx.bounds)
+        if gx is not None and gx.dtype != grad.dtype:
+            gx = gx.to(grad.dtype)
         n = float((1 << ctx.bits) - 1)
-        upper = (clipped - signed) * 0.5
         g_max = err / n + upper
-        g_min = torch.zeros_like(g_max) if ctx.fixed_min else (clipped + signed) * 0.5 - err / n
+        g_min = torch.zeros_like(g_max) if ctx.fixed_min else lower - err / n
         return (gx, g_max.reshape(ctx.clip_shapes[0]), g_min.reshape(ctx.clip_shapes[1]), None, None, None)
+
+
+def _ulq_sums_from_code(g: Tensor, code: Tensor, need_gx: bool):
+    """``(gx, err, upper, lower)`` of the ULQ backward from :func:`_ulq_code`'s ``code``: the
+    in-range gradient, sum(g * (round(x/s) - x/s)) in range, the sums of g above and below."""
+    flat_code = code.reshape(-1)
+    gc = code.abs().floor_().mul_(g).reshape(-1)  # the gradient of clamped elements
+    clipped = gc.sum()  # upper + lower
+    signed = torch.dot(gc, flat_code)  # lower - upper (code is -1 above, +1 below)
+    gx = None
+    if need_gx:
+        flat_gx = torch.sub(g.reshape(-1), gc)
+        err = torch.dot(flat_gx, flat_code)
+        gx = flat_gx.reshape(g.shape)
+    else:
+        err = torch.dot(g.reshape(-1), flat_code) - signed
+    return gx, err, (clipped - signed) * 0.5, (clipped + signed) * 0.5
+
+
+def _ulq_sums_from_x(g: Tensor, x: Tensor, scale: Tensor, bounds):
+    """The same sums recomputed from the saved input (eager CPU), with Python-number bounds."""
+    blo, bhi = bounds
+    r = torch.div(x, scale).round_()
+    gx = torch.where((r >= blo) & (r <= bhi), g, 0.0)
+    flat_gx, flat_r = gx.reshape(-1), r.reshape(-1)
+    err = torch.dot(flat_gx, flat_r) - torch.dot(flat_gx, x.reshape(-1)) / scale
+    clipped = g.sum() - gx.sum()
+    # clamped elements sit exactly at lo or hi: dot(g_clipped, clamp(r)) = hi*U + lo*L
+    flat_r.clamp_(blo, bhi)
+    weighted = torch.dot(g.reshape(-1), flat_r) - torch.dot(flat_gx, flat_r)
+    upper = (weighted - blo * clipped) / (bhi - blo)
+    return gx, err, upper, clipped - upper
 
 
 def ulq_fake_quant(x: Tensor, clip_max: Tensor, clip_min: Tensor, bits: int = 8,
