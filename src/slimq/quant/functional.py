@@ -89,8 +89,10 @@ class _ULQ(torch.autograd.Function):
       inside:  dy/dclip_max = (round(x/s) - x/s) / (2^b-1),  dy/dclip_min = -the same;
       above:   dy/dclip_max = 1;   below: dy/dclip_min = 1.
 
-    The forward saves only :func:`_ulq_code`'s ``code``; the backward reads it with the incoming
-    gradient and never synchronises with the host. NaN/Inf in ``x`` or in the gradient makes the
+    On CUDA and under torch.compile the forward saves only :func:`_ulq_code`'s ``code`` (fused
+    into one kernel when compiled); in eager CPU mode it runs four in-place passes with
+    Python-number bounds and saves ``x``, which the backward re-grids (fewer activation-sized
+    allocations; faster there). Neither backward synchronises. NaN/Inf in ``x`` or in the gradient makes the
     clip gradients non-finite (every clip-gradient sum covers every element), which is how the
     quantizer's check finds it later (:meth:`slimq.quant.quantizers.ActQuantizer.saw_nonfinite`).
     """
