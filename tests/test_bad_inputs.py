@@ -69,7 +69,9 @@ def _nan_training(env):
     x = X.clone()
     x[0, 0, 0, 0] = float("nan")
     model(torch.randn(2, 2, 8, 8)).sum().backward()  # initialises the ranges
-    model(x).sum().backward()
+    model(x).sum().backward()  # the training step does not synchronise to check: it is deferred
+    model.eval()
+    model(X)  # the next eval forward reports it, before anything is written
 
 
 def _corrupt_record(env):

@@ -58,6 +58,28 @@ def test_ulq_backward_matches_numpy(bits, fixed_min):
     assert cn.grad.item() == pytest.approx(gmin, rel=1e-4, abs=1e-3)
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_ulq_code_path_matches_numpy(bits):
+    """The path CUDA and torch.compile take: one saved ``code`` tensor instead of ``x``."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(5000) * 2).astype(np.float32)
+    g = rng.standard_normal(5000).astype(np.float32)
+    cmax, cmin = 1.7, -0.9
+    s, o = Fq.ulq_scale_offset(torch.tensor(cmax), torch.tensor(cmin), bits)
+    qmin, qmax = Fq.qrange(bits)
+    x[:4] = (np.array([qmax - o + 0.5, qmax - o + 1.5, qmin - o - 0.5, qmin - o - 1.5]) * float(s)).astype(np.float32)
+    y, code = Fq._ulq_code(torch.from_numpy(x), s, qmin - o, qmax - o)
+    np.testing.assert_array_equal(y.numpy(), ref.ulq_forward(x, cmax, cmin, bits))
+    gx_ref, gmax, gmin = ref.ulq_backward(x, g, cmax, cmin, bits)
+    n = 2 ** bits - 1
+    for need_gx in (True, False):
+        gx, err, upper, lower = Fq._ulq_sums_from_code(torch.from_numpy(g), code, need_gx)
+        if need_gx:
+            np.testing.assert_array_equal(gx.numpy(), gx_ref)
+        assert float(err / n + upper) == pytest.approx(gmax, rel=1e-4, abs=1e-3)
+        assert float(lower - err / n) == pytest.approx(gmin, rel=1e-4, abs=1e-3)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_ulq_clip_gradients_match_finite_differences(bits):
     """The clip gradients are the exact derivative of the straight-through surrogate."""
@@ -83,14 +105,24 @@ def test_ulq_clip_gradients_match_finite_differences(bits):
     assert abs(fd_max) > 1 and abs(fd_min) > 1  # the check is not trivially zero
 
 
-def test_ulq_nan_in_training_names_the_layer():
-    x = torch.randn(100)
-    x[3] = float("nan")
+@pytest.mark.parametrize("bad", ["input", "gradient"])
+def test_ulq_nan_in_training_poisons_the_clip_gradients(bad):
+    """The backward does not raise (that would need a host sync): NaN in the input or in the
+    gradient shows as non-finite clip gradients, which the quantizer's check reads."""
+    x, g = torch.randn(100), torch.randn(100)
+    (x if bad == "input" else g)[3] = float("nan")
     x.requires_grad_()
     cm, cn = _clips(1.0, -1.0)
-    y = Fq.ulq_fake_quant(x, cm, cn, 8, name="features.3")
-    with pytest.raises(ArithmeticError, match="features.3"):
-        y.sum().backward()
+    Fq.ulq_fake_quant(x, cm, cn, 8).backward(g)
+    assert not torch.isfinite(cm.grad).all() and not torch.isfinite(cn.grad).all()
+    q = ActQuantizer(ActQuantSpec(bits=8, fixed_min=True, clip_max=1.0, clip_min=0.0), layer_name="features.3").train()
+    q(torch.randn(50)).sum().backward()
+    assert not bool(q.saw_nonfinite())
+    xq = torch.randn(50)
+    xq[0] = float("inf") if bad == "input" else 0.0
+    q.clip_max.grad = None
+    q(xq).backward(torch.full((50,), float("nan")) if bad == "gradient" else torch.ones(50))
+    assert bool(q.saw_nonfinite())
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -85,6 +85,23 @@ def test_round_trip_and_foreign_entries_survive(tmp_path):
     assert [g.producers[0].name for g in again.channel_prunes()] == ["a"]
 
 
+def test_record_text_is_protobufs_short_repeated_text_format(tmp_path):
+    """The fast printer of to_text writes exactly what MessageToString writes."""
+    from google.protobuf import text_format
+
+    p = tmp_path / "r.txt"
+    p.write_text(AMCT_RECORD)
+    rec = read_record(p)
+    rec.set_quant("conv2", QuantFactors(0.1 + 1e-9, -7, (0.1, 3e-7, 2.5), (0, 0, 0), (4, 16, 1), "INT8", "INT8"))
+    rec.set_channel_prunes([ChannelPruneInfo((PruneNodeInfo("a", "Conv2d", 0, 300, tuple(range(0, 300, 3))),),
+                                             (PruneNodeInfo("b", "Conv2d", 0, 300, tuple(range(0, 300, 3))),))])
+    rec.set_selective_mask(SelectiveMaskInfo("w", (8, 16), np.eye(8, 16, dtype=np.uint8)))
+    expected = text_format.MessageToString(rec.message, as_utf8=True, use_short_repeated_primitives=True)
+    assert "ints: [0, 3, 6, " in expected
+    assert rec.to_text() == expected
+    assert Record.from_text(rec.to_text()) == rec
+
+
 @pytest.mark.parametrize("shape", [(3,), (5, 7), (16, 9, 3, 3), (1, 1)])
 def test_mask_packing_round_trip(shape):
     mask = (np.random.default_rng(0).random(shape) > 0.5).astype(np.uint8)

@@ -96,14 +96,29 @@ class Dataflow:
     external_values: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
     transparent_calls: List[Node] = field(default_factory=list)
 
+    def _calls(self) -> Tuple[List[Node], Dict[str, List[Node]]]:
+        """The module calls in call order and by module name, built once per traced graph (the
+        per-name lookups made create quadratic in the number of layers). Rebuilt if nodes were
+        appended since."""
+        key = (len(self.nodes), len(self.transparent_calls))
+        cached = self.__dict__.get("_calls_index")
+        if cached is None or cached[0] != key:
+            opaque = (n for n in self.nodes if n.is_module)
+            calls = sorted([*opaque, *self.transparent_calls], key=lambda n: n.order)
+            by_name: Dict[str, List[Node]] = {}
+            for n in calls:
+                by_name.setdefault(n.target, []).append(n)
+            cached = (key, calls, by_name)
+            self.__dict__["_calls_index"] = cached
+        return cached[1], cached[2]
+
     def iter_module_calls(self) -> Iterator[Node]:
         """Every module call in call order: opaque nodes and transparent calls."""
-        opaque = (n for n in self.nodes if n.is_module)
-        return iter(sorted([*opaque, *self.transparent_calls], key=lambda n: n.order))
+        return iter(self._calls()[0])
 
     def module_calls(self, name: str) -> List[Node]:
         """The calls of module ``name`` (each with its input and output value ids)."""
-        return [n for n in self.iter_module_calls() if n.target == name]
+        return list(self._calls()[1].get(name, ()))
 
     def called_modules(self) -> Dict[str, int]:
         """{module name: number of calls}, for modules recorded as one node and modules traced

@@ -15,7 +15,6 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..errors import NumericalError
 
 __all__ = [
     "FLT_EPS",
@@ -64,6 +63,24 @@ def ulq_scale_offset(clip_max: Tensor, clip_min: Tensor, bits: int,
     return scale, offset
 
 
+def _ulq_code(x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(y, code)`` of the ULQ forward: ``y = clamp(round(x/s), lo, hi) * s`` and the one
+    tensor the backward needs.
+
+    ``code = round(x/s) - x/s`` (in ``[-0.5, 0.5]``) where ``round(x/s)`` lies in ``[lo, hi]``,
+    ``-1`` above the range, ``+1`` below it, NaN where ``x`` is not finite. It is built from
+    exact float operations (``r - t`` is exact, ``c - r`` an integer), so the classification is
+    the unclamped ``round``'s, ties included. No value is read on the host.
+    """
+    t = torch.div(x, scale)
+    r = torch.round(t)
+    code = torch.sub(r, t, out=t)  # the rounding residual, exact
+    c = torch.clamp(r, lo, hi)
+    d = torch.sub(c, r, out=r)  # 0 inside, <= -1 above, >= 1 below
+    code.add_(d, alpha=2.0).clamp_(-1.0, 1.0)  # |residual| <= 0.5 stays, clamped ones become -+1
+    return c.mul_(scale), code
+
+
 class _ULQ(torch.autograd.Function):
     """y = (clamp(round(x/s) + o, qmin, qmax) - o) * s with LSQ-style clip gradients.
 
@@ -71,56 +88,83 @@ class _ULQ(torch.autograd.Function):
       dy/dx = 1 inside the range, 0 where clamped;
       inside:  dy/dclip_max = (round(x/s) - x/s) / (2^b-1),  dy/dclip_min = -the same;
       above:   dy/dclip_max = 1;   below: dy/dclip_min = 1.
+
+    On CUDA and under torch.compile the forward saves only :func:`_ulq_code`'s ``code`` (fused
+    into one kernel when compiled); in eager CPU mode it runs four in-place passes with
+    Python-number bounds and saves ``x``, which the backward re-grids (fewer activation-sized
+    allocations; faster there). Neither backward synchronises. NaN/Inf in ``x`` or in the gradient makes the
+    clip gradients non-finite (every clip-gradient sum covers every element), which is how the
+    quantizer's check finds it later (:meth:`slimq.quant.quantizers.ActQuantizer.saw_nonfinite`).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, clip_max: Tensor, clip_min: Tensor, bits: int, fixed_min: bool,
-                fp16_scale: bool, name: str) -> Tensor:
+                fp16_scale: bool) -> Tensor:
         scale, offset = ulq_scale_offset(clip_max.reshape(()), clip_min.reshape(()), bits, fp16_scale)
         qmin, qmax = qrange(bits)
         lo, hi = qmin - offset, qmax - offset  # bounds of round(x/s), o being an integer
         xf = x if x.dtype == torch.float32 else x.float()
-        # Python-number bounds take clamp's fast path on CPU; on GPU, tensors avoid a device sync
-        blo, bhi = (lo, hi) if xf.is_cuda else (float(lo), float(hi))
-        y = torch.div(xf, scale).round_().clamp_(blo, bhi).mul_(scale)
-        ctx.save_for_backward(xf, scale, lo, hi)
-        ctx.bounds = None if xf.is_cuda else (blo, bhi)
-        ctx.bits, ctx.fixed_min, ctx.name = bits, fixed_min, name
+        ctx.bits, ctx.fixed_min = bits, fixed_min
         ctx.clip_shapes = (clip_max.shape, clip_min.shape)
+        ctx.bounds = None
+        if xf.is_cuda or torch.compiler.is_compiling():
+            y, code = _ulq_code(xf, scale, lo, hi)
+            ctx.save_for_backward(code)
+        else:  # eager CPU: 4 in-place passes, x kept (often alive anyway), Python-number bounds
+            ctx.bounds = (float(lo), float(hi))  # a CPU scalar read, not a device sync
+            y = torch.div(xf, scale).round_().clamp_(*ctx.bounds).mul_(scale)
+            ctx.save_for_backward(xf, scale)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, scale, lo, hi = ctx.saved_tensors
-        blo, bhi = ctx.bounds or (lo, hi)
         g = grad if grad.dtype == torch.float32 else grad.float()
-        r = torch.div(x, scale).round_()
-        gx = torch.where((r >= blo) & (r <= bhi), g, 0.0)
-        flat_gx, flat_r = gx.reshape(-1), r.reshape(-1)
-        # sum over in-range elements of g * (round(x/s) - x/s)
-        err = torch.dot(flat_gx, flat_r) - torch.dot(flat_gx, x.reshape(-1)) / scale
-        clipped = g.sum() - gx.sum()
-        # clamped elements sit exactly at lo or hi: dot(g_clipped, clamp(r)) = hi*U + lo*L
-        flat_r.clamp_(blo, bhi)
-        weighted = torch.dot(g.reshape(-1), flat_r) - torch.dot(flat_gx, flat_r)
-        upper = (weighted - lo * clipped) / (hi - lo)
-        lower = clipped - upper
-        if not bool(torch.isfinite(err)):  # NaN/Inf in x or in the gradient poisons every sum
-            where = ("its input activations" if not bool(torch.isfinite(x).all())
-                     else "the gradient flowing back into it")
-            raise NumericalError(
-                f"NaN or Inf reached quantized layer '{ctx.name}' during training, in {where}; lower "
-                "the learning rate, check the loss and the data, or resume from the last good checkpoint")
+        if ctx.bounds is None:
+            gx, err, upper, lower = _ulq_sums_from_code(g, *ctx.saved_tensors, ctx.needs_input_grad[0])
+        else:
+            gx, err, upper, lower = _ulq_sums_from_x(g, *ctx.saved_tensors, ctx.bounds)
+        if gx is not None and gx.dtype != grad.dtype:
+            gx = gx.to(grad.dtype)
         n = float((1 << ctx.bits) - 1)
         g_max = err / n + upper
         g_min = torch.zeros_like(g_max) if ctx.fixed_min else lower - err / n
-        gx = gx if gx.dtype == grad.dtype else gx.to(grad.dtype)
-        return (gx, g_max.reshape(ctx.clip_shapes[0]), g_min.reshape(ctx.clip_shapes[1]),
-                None, None, None, None)
+        return (gx, g_max.reshape(ctx.clip_shapes[0]), g_min.reshape(ctx.clip_shapes[1]), None, None, None)
+
+
+def _ulq_sums_from_code(g: Tensor, code: Tensor, need_gx: bool):
+    """``(gx, err, upper, lower)`` of the ULQ backward from :func:`_ulq_code`'s ``code``: the
+    in-range gradient, sum(g * (round(x/s) - x/s)) in range, the sums of g above and below."""
+    flat_code = code.reshape(-1)
+    gc = code.abs().floor_().mul_(g).reshape(-1)  # the gradient of clamped elements
+    clipped = gc.sum()  # upper + lower
+    signed = torch.dot(gc, flat_code)  # lower - upper (code is -1 above, +1 below)
+    gx = None
+    if need_gx:
+        flat_gx = torch.sub(g.reshape(-1), gc)
+        err = torch.dot(flat_gx, flat_code)
+        gx = flat_gx.reshape(g.shape)
+    else:
+        err = torch.dot(g.reshape(-1), flat_code) - signed
+    return gx, err, (clipped - signed) * 0.5, (clipped + signed) * 0.5
+
+
+def _ulq_sums_from_x(g: Tensor, x: Tensor, scale: Tensor, bounds):
+    """The same sums recomputed from the saved input (eager CPU), with Python-number bounds."""
+    blo, bhi = bounds
+    r = torch.div(x, scale).round_()
+    gx = torch.where((r >= blo) & (r <= bhi), g, 0.0)
+    flat_gx, flat_r = gx.reshape(-1), r.reshape(-1)
+    err = torch.dot(flat_gx, flat_r) - torch.dot(flat_gx, x.reshape(-1)) / scale
+    clipped = g.sum() - gx.sum()
+    # clamped elements sit exactly at lo or hi: dot(g_clipped, clamp(r)) = hi*U + lo*L
+    flat_r.clamp_(blo, bhi)
+    weighted = torch.dot(g.reshape(-1), flat_r) - torch.dot(flat_gx, flat_r)
+    upper = (weighted - blo * clipped) / (bhi - blo)
+    return gx, err, upper, clipped - upper
 
 
 def ulq_fake_quant(x: Tensor, clip_max: Tensor, clip_min: Tensor, bits: int = 8,
-                   fixed_min: bool = False, fp16_scale: bool = False, name: str = "") -> Tensor:
+                   fixed_min: bool = False, fp16_scale: bool = False) -> Tensor:
     """ULQ activation fake-quant (see :class:`_ULQ` for the gradients).
 
     Args:
@@ -129,12 +173,13 @@ def ulq_fake_quant(x: Tensor, clip_max: Tensor, clip_min: Tensor, bits: int = 8,
         bits: 4, 8 or 16.
         fixed_min: clip_min is pinned (it receives no gradient).
         fp16_scale: FORCE_FP16_QUANT scale rounding.
-        name: layer name used in the :class:`NumericalError` raised from backward on NaN/Inf.
 
     Returns:
-        Tensor of ``x``'s shape and dtype on the integer grid.
+        Tensor of ``x``'s shape and dtype on the integer grid. NaN/Inf in ``x`` or in the
+        gradient shows as non-finite clip gradients (no exception here: raising would need a
+        host synchronisation in every backward).
     """
-    return _ULQ.apply(x, clip_max, clip_min, bits, fixed_min, fp16_scale, name)
+    return _ULQ.apply(x, clip_max, clip_min, bits, fixed_min, fp16_scale)
 
 
 # --------------------------------------------------------------------------- weights (ARQ / ULQ)

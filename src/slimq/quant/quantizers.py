@@ -28,6 +28,13 @@ log = logging.getLogger("slimq")
 MAX_INIT_SAMPLES = 1 << 16  # per batch, taken with a fixed stride (deterministic)
 
 
+try:  # range initialisation runs eagerly inside torch.compile'd models
+    _eager = torch.compiler.disable
+except AttributeError:  # pragma: no cover - torch without torch.compiler
+    def _eager(fn):
+        return fn
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -37,6 +44,16 @@ def _samples(x: Tensor) -> Tensor:
     if flat.numel() > MAX_INIT_SAMPLES:
         flat = flat[:: math.ceil(flat.numel() / MAX_INIT_SAMPLES)]
     return flat.float()
+
+
+def _kth_smallest(samples: Tensor, k: int) -> Tensor:
+    """The ``k``-th smallest of the 1-D ``samples`` (0-dim, on their device). The extremes, which
+    the 99.9999th percentile is below a million samples, are a max/min, not a selection."""
+    if k == samples.numel():
+        return samples.max()
+    if k == 1:
+        return samples.min()
+    return torch.kthvalue(samples.cpu(), k).values.to(samples.device)
 
 
 class ActQuantizer(nn.Module):
@@ -53,9 +70,12 @@ class ActQuantizer(nn.Module):
     Eval forwards never change anything: they quantize on the current clips (see the module
     docstring for what those are before training).
 
-    Buffers: ``initialized`` (uint8), ``init_batches`` (int64) and the non-persistent
-    ``nonfinite`` (uint8), which the backward sets when NaN/Inf reached this quantizer (checked
-    without a device sync, at the next eval or save).
+    Buffers: ``initialized`` (uint8), ``init_batches`` (int64). After the initialisation the
+    training forward and backward never synchronise with the host (torch.compile traces them
+    without a graph break). NaN/Inf reaching this quantizer in training is not raised there but
+    leaves the clips' gradients (and, after an optimizer step, the clips) non-finite;
+    :meth:`saw_nonfinite` reads that, and the record collector raises
+    :class:`~slimq.errors.NumericalError` from it at the next eval forward or save.
 
     Shapes: input any shape; ``clip_max``/``clip_min`` are ``[1]``.
     """
@@ -75,7 +95,6 @@ class ActQuantizer(nn.Module):
                                      requires_grad=not self.fixed_min)
         self.register_buffer("initialized", torch.tensor([1 if given else 0], dtype=torch.uint8))
         self.register_buffer("init_batches", torch.zeros(1, dtype=torch.int64))
-        self.register_buffer("nonfinite", torch.zeros(1, dtype=torch.uint8), persistent=False)
         self._samples: List[Tensor] = []
         self._ready: Optional[bool] = given  # Python mirror of `initialized` (None: read it once)
         self._warned = False
@@ -110,7 +129,14 @@ class ActQuantizer(nn.Module):
         if not self._ready and not self.is_initialized:
             self._init_step(x)
         return Fq.ulq_fake_quant(x, self.clip_max, self.clip_min, self.bits, self.fixed_min,
-                                 self.fp16_scale, self.layer_name)
+                                 self.fp16_scale)
+
+    def saw_nonfinite(self) -> Tensor:
+        """0-dim bool tensor: NaN/Inf reached this quantizer in training, i.e. its clips or their
+        gradients are not finite (see the class docstring). Computed without a host sync."""
+        clips = [self.clip_max, self.clip_min]
+        state = [t.detach().reshape(-1) for t in clips + [c.grad for c in clips if c.grad is not None]]
+        return torch.isfinite(torch.cat(state)).all().logical_not()
 
     @torch.no_grad()
     def eval_quant(self, x: Tensor) -> Tensor:
@@ -141,8 +167,10 @@ class ActQuantizer(nn.Module):
         self.clip_max.fill_(float(hi))
         self.clip_min.fill_(float(lo))
 
+    @_eager
     @torch.no_grad()
     def _init_step(self, x: Tensor) -> None:
+        """One range-initialisation batch (may synchronise: it runs eagerly, also when compiled)."""
         flat = _samples(x)
         if not bool(torch.isfinite(flat).all()):
             raise NumericalError(f"NaN or Inf in the input activations of quantized layer "
@@ -176,12 +204,12 @@ class ActQuantizer(nn.Module):
     def _percentiles(self, samples: Tensor, collective: bool) -> Tuple[Tensor, Tensor]:
         k = samples.numel()
         hi_k = min(k, max(1, math.ceil(Fq.IFMR_PERCENTILE * k)))
-        hi = torch.kthvalue(samples.cpu(), hi_k).values.clamp(min=0.0).to(samples.device)
+        hi = _kth_smallest(samples, hi_k).clamp(min=0.0)
         if self.fixed_min:
             lo = torch.zeros((), device=samples.device)
         else:
             lo_k = max(1, min(k, math.floor((1 - Fq.IFMR_PERCENTILE) * k) + 1))
-            lo = torch.kthvalue(samples.cpu(), lo_k).values.clamp(max=0.0).to(samples.device)
+            lo = _kth_smallest(samples, lo_k).clamp(max=0.0)
         if collective:
             hi_lo = torch.stack([hi, -lo]).reshape(2)
             dist.all_reduce(hi_lo, op=dist.ReduceOp.MAX)

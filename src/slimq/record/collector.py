@@ -61,15 +61,24 @@ def layer_factors(layer: nn.Module, shift_bit: Tuple[int, ...]) -> QuantFactors:
 
 
 def check_finite(layers: Mapping[str, nn.Module], points: Mapping[str, nn.Module] = {}) -> None:
-    """Raise :class:`NumericalError` for the first layer whose quantizers saw NaN/Inf in training."""
-    pairs = [(name, q) for name, layer in layers.items() for q in (layer.act_quant, layer.out_quant)]
-    for name, q in pairs + list(points.items()):
-        flag = getattr(q, "nonfinite", None)
-        if flag is not None and bool(flag.any()):
-            raise NumericalError(
-                f"NaN or Inf reached quantized layer '{name}' during training (in its activations "
-                "or in the gradient flowing back into it); lower the learning rate, check the loss "
-                "and the data, or resume from the last good checkpoint")
+    """Raise :class:`NumericalError` for the first quantizer (in model order) that NaN/Inf reached
+    in training. The training backward only leaves the clips' gradients non-finite (raising
+    there would synchronise every step); this reads all quantizers with one host sync.
+    """
+    named = [(name, "in its input activations", layer.act_quant) for name, layer in layers.items()]
+    named += [(name, "in its output", layer.out_quant) for name, layer in layers.items()]
+    named += [(key, "in its activations", q) for key, q in points.items()]
+    named = [(name, where, q) for name, where, q in named if q is not None]
+    if not named:
+        return
+    bad = torch.stack([q.saw_nonfinite().cpu() for _, _, q in named])
+    if not bool(bad.any()):
+        return
+    name, where, _ = named[int(bad.nonzero()[0, 0])]
+    raise NumericalError(
+        f"NaN or Inf reached quantized layer '{name}' during training ({where} or in the gradient "
+        "flowing back into it): its clip range or the range's gradient is no longer finite; lower "
+        "the learning rate, check the loss and the data, or resume from the last good checkpoint")
 
 
 def _versions(layer: nn.Module) -> Tuple[Any, ...]:
@@ -134,7 +143,13 @@ class RecordCollector:
     # -- hooks -------------------------------------------------------------------------------
     def _before_model(self, module: nn.Module, args: Any) -> None:
         if not module.training:
-            self._check_phase(self.layers)
+            self._check_eval_start()
+
+    @_eager
+    def _check_eval_start(self) -> None:
+        """An eval forward may synchronise: report NaN/Inf from training, then check the phase."""
+        check_finite(self.quantized, self.points)
+        self._check_phase(self.layers)
 
     def _after_layer(self, module: nn.Module, args: Any, output: Any) -> None:
         if not module.training:

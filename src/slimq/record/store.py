@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from google.protobuf import text_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from .._io import atomic_write_text, check_writable_dir, read_text_file
@@ -260,7 +261,7 @@ class Record:
     # -- text -----------------------------------------------------------------------------
     def to_text(self) -> str:
         # `ints: [1, 2, 3]` instead of one line per index: standard text format, much shorter
-        return text_format.MessageToString(self.message, as_utf8=True, use_short_repeated_primitives=True)
+        return _message_to_text(self.message)
 
     @classmethod
     def from_text(cls, text: str, path: str = "<record>") -> "Record":
@@ -279,6 +280,34 @@ class Record:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Record) and self.message == other.message
+
+
+_INT_TYPES = frozenset((FieldDescriptor.CPPTYPE_INT32, FieldDescriptor.CPPTYPE_INT64,
+                        FieldDescriptor.CPPTYPE_UINT32, FieldDescriptor.CPPTYPE_UINT64))
+
+
+class _ShortIntsPrinter(getattr(text_format, "_Printer", object)):
+    """protobuf's text printer, writing a repeated integer field in one ``join`` instead of one
+    Python call per element (a pruned ResNet-50's record holds ~20k channel indices; printing
+    them was a tenth of create). The output is MessageToString's, character for character."""
+
+    def _PrintShortRepeatedPrimitivesValue(self, field, value):
+        if field.cpp_type not in _INT_TYPES:
+            return super()._PrintShortRepeatedPrimitivesValue(field, value)
+        self._PrintFieldName(field)
+        self.out.write(" [" + ", ".join(map(str, value)) + "]")
+        self.out.write(" " if self.as_one_line else "\n")
+
+
+def _message_to_text(message: Any) -> str:
+    """``text_format.MessageToString(message, as_utf8=True, use_short_repeated_primitives=True)``."""
+    if _ShortIntsPrinter.__mro__[1] is object:  # a protobuf without the private printer class
+        return text_format.MessageToString(message, as_utf8=True, use_short_repeated_primitives=True)
+    out = text_format.TextWriter(True)
+    _ShortIntsPrinter(out, as_utf8=True, use_short_repeated_primitives=True).PrintMessage(message)
+    text = out.getvalue()
+    out.close()
+    return text
 
 
 def read_record(path: Union[str, "os.PathLike[str]"]) -> Record:
