@@ -295,7 +295,8 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
                                     ONNX_OPSET)
                     int4 = int4_initializers(work)
                 onnx_post.finish(staged[target], opset=OPSET_WIDE if wide else None, int4=int4,
-                                 external=external, prefix="model.", quantized_graph=target != "fake_quant")
+                                 external=external, prefix="model.", quantized_graph=target != "fake_quant",
+                                 graph_pass=TARGETS[target].graph_pass)
             except SlimqError:
                 raise
             except Exception as exc:
