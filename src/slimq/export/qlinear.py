@@ -68,7 +68,7 @@ class _IntegerLayer(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, x_scale, x_zp, w, w_scale, w_zp, w_zp_scalar, bias, bias_shaped, divisor, attrs):
-        kw = {"rank_i": len(x.type().sizes() or []) or 2}
+        kw = {"rank_i": len(x.type().sizes() or [])}  # 0: unknown (then no QGemm, which needs 2-D)
         if attrs is not None:
             stride, padding, dilation, groups = attrs
             kw.update(strides_i=list(stride), pads_i=list(padding) * 2, dilations_i=list(dilation), group_i=groups)
