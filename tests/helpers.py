@@ -85,3 +85,36 @@ def initializer_types(path: str) -> dict:
 
 def batched(fn: Callable[[torch.Tensor], np.ndarray], x: torch.Tensor, size: int = 16) -> np.ndarray:
     return np.concatenate([fn(x[i:i + size]) for i in range(0, len(x), size)])
+
+
+def int8_coverage(path: str) -> Tuple[int, int]:
+    """(quantized, weight-bearing) Conv/ConvTranspose/Gemm/MatMul nodes of an ONNX file.
+
+    Weight-bearing: an input is an initializer, possibly behind DequantizeLinear and/or Transpose;
+    quantized: that initializer is 8-bit and behind DequantizeLinear. A MatMul between two
+    activations counts as neither.
+    """
+    graph = onnx.load(path, load_external_data=False).graph
+    inits = {t.name: t.data_type for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    eight_bit = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+
+    def source(name: str) -> Tuple[bool, bool]:  # (is a weight, is an 8-bit weight behind DQ)
+        node, behind_dq = producer.get(name), False
+        while node is not None and node.op_type in ("Transpose", "DequantizeLinear", "Reshape", "Identity"):
+            behind_dq |= node.op_type == "DequantizeLinear"
+            name = node.input[0]
+            node = producer.get(name)
+        if name not in inits:
+            return False, False
+        return True, behind_dq and inits[name] in eight_bit
+
+    quantized = bearing = 0
+    for n in graph.node:
+        if n.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        found = [source(i) for i in n.input[:2]]
+        if any(w for w, _ in found):
+            bearing += 1
+            quantized += any(q for _, q in found)
+    return quantized, bearing

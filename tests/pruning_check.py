@@ -23,10 +23,13 @@ def masked_original(original: nn.Module, records: Sequence[ChannelPruneInfo]) ->
     modules = dict(model.named_modules())
     for rec in records:
         for node in rec.consumers:
-            m = modules[node.name]
             idx = torch.tensor(node.prune_index, dtype=torch.long)
             if not len(idx):
                 continue
+            if node.name not in modules:
+                _mask_packed_projection(modules, node.name, idx)
+                continue
+            m = modules[node.name]
             if isinstance(m, nn.Linear):
                 m.weight[:, idx] = 0
             elif isinstance(m, nn.modules.conv._ConvTransposeNd):
@@ -38,6 +41,24 @@ def masked_original(original: nn.Module, records: Sequence[ChannelPruneInfo]) ->
                     m.weight[g * rows:(g + 1) * rows, i - g * per] = 0
             # BatchNorm / depthwise (with or without multiplier) / PReLU pass channels through
     return model
+
+
+_PROJECTIONS = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+
+def _mask_packed_projection(modules: dict, name: str, idx: torch.Tensor) -> None:
+    """Input columns of one projection of an original ``nn.MultiheadAttention``: slimq names its
+    split form's Linears ``<attn>.q_proj`` etc.; the original holds them packed in
+    ``in_proj_weight`` (rows ``[i*E, (i+1)*E)``) or as ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``."""
+    parent, _, leaf = name.rpartition(".")
+    mha = modules.get(parent)
+    if not isinstance(mha, nn.MultiheadAttention) or leaf not in _PROJECTIONS:
+        raise KeyError(f"prune record names '{name}', which the original model does not have")
+    i, e = _PROJECTIONS[leaf], mha.embed_dim
+    if mha._qkv_same_embed_dim:
+        mha.in_proj_weight[i * e:(i + 1) * e, idx] = 0
+    else:
+        getattr(mha, f"{leaf}_weight")[:, idx] = 0
 
 
 def _outputs(model: nn.Module, inputs: Tuple[Any, ...]) -> torch.Tensor:

@@ -17,6 +17,7 @@ from slimq.graph import trace
 from slimq.graph.channels import ChannelGroup, channel_groups
 from slimq.graph.facts import batchnorm_output, foldable_batchnorms, unread_conv_outputs
 from slimq.graph.rules import DERIVED_RULES, FUNCTION_RULES, MODULE_RULES
+from slimq.nn.attention import SplitMultiheadAttention
 from slimq.prune import apply_records
 from slimq.record import read_record
 from test_pruning import PRUNE_ONLY
@@ -62,6 +63,15 @@ def conv(cin: int = 3, cout: int = 8, **kw) -> nn.Conv2d:
 
 X = torch.randn(2, 3, 8, 8)
 T = torch.randn(2, 5, 3)  # tokens
+
+
+def attention(**call) -> nn.Module:
+    """Tokens -> Linear -> split self-attention (2 heads of 4) -> Linear head."""
+    return Lam(lambda s, x: s.h(s.mha(s.a(x), s.a(x), s.a(x), **call)[0]), a=nn.Linear(3, 8),
+               mha=SplitMultiheadAttention(nn.MultiheadAttention(8, 2, batch_first=True)), h=nn.Linear(8, 2))
+
+
+HEADS = {("mha.k_proj", "out"), ("mha.v_proj", "out"), ("mha.out_proj", "in")}
 
 # (rule table, family, model, input, producer, None = prunable / words of the reason, members that must be there)
 CASES = [
@@ -162,6 +172,13 @@ CASES = [
      "rearranges channels", set()),
     ("m", "opaque", lambda: Lam(lambda s, x: s.mha(s.a(x), s.a(x), s.a(x))[0], a=nn.Linear(3, 8),
                                 mha=nn.MultiheadAttention(8, 2, batch_first=True)), T, "a", "cannot slice", set()),
+    ("f", "matmul", lambda: attention(need_weights=True, average_attn_weights=False), T, "mha.q_proj", None, HEADS),
+    ("f", "matmul", lambda: Lam(lambda s, x: s.h(s.a(x) @ s.b(x).transpose(1, 2) @ s.c(x)), a=nn.Linear(3, 8),
+                                b=nn.Linear(3, 8), c=nn.Linear(3, 8), h=nn.Linear(8, 2)), T, "a",
+     "cannot prove channel-preserving", set()),
+    ("f", "attention", lambda: attention(need_weights=False), T, "mha.q_proj", None, HEADS),
+    ("f", "attention", lambda: attention(need_weights=False, attn_mask=torch.zeros(4, 5, 5)), T, "mha.q_proj",
+     "attention mask with one entry per head", set()),
     # -- derived rules: per-channel parameters reached through shape ops
     ("d", "identity", lambda: Lam(lambda s, x: s.h(s.a(x) * s.p.gamma.detach().clone().view(1, 8, 1, 1)),
                                   a=conv(), p=P(8), h=conv(8, 2)), X, "a", None, {("p", "channel")}),

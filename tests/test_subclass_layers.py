@@ -13,7 +13,7 @@ from torch import nn
 
 import slimq
 from conftest import QUANT_CFG
-from helpers import rel_l2
+from helpers import int8_coverage, rel_l2
 from models import randomize_vectors
 from pruning_check import assert_pruned_equivalent
 from slimq.nn import CompressedLayer
@@ -49,15 +49,6 @@ class SubclassNet(nn.Module):
 
 
 LAYERS = {"same", "std", "reflect", "head"}
-
-
-def _deploy_int8_weights(path: str) -> int:
-    """Conv/Gemm/MatMul nodes whose weight is an 8-bit initializer behind DequantizeLinear."""
-    graph = onnx.load(path).graph
-    eight_bit = {t.name for t in graph.initializer if t.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)}
-    dq_of_weight = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in eight_bit}
-    return sum(1 for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1
-               and (n.input[1] in dq_of_weight or n.input[1] in eight_bit))
 
 
 def test_subclasses_are_quantized_and_export(tmp_path, write_cfg):
@@ -96,7 +87,7 @@ def test_subclasses_are_quantized_and_export(tmp_path, write_cfg):
     sess = ort.InferenceSession(saved.deploy_path, providers=["CPUExecutionProvider"])
     dep = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert rel_l2(dep, got.numpy()) <= 2e-2
-    assert _deploy_int8_weights(saved.deploy_path) == len(LAYERS)
+    assert int8_coverage(saved.deploy_path) == (len(LAYERS), len(LAYERS))
 
 
 def test_standardised_conv_prunes_exactly(tmp_path, write_cfg):

@@ -21,7 +21,8 @@ import slimq
 from models import randomize_vectors
 from pruning_check import assert_pruned_equivalent
 from slimq.record import read_record
-from test_pruning import PRUNE_ONLY
+from helpers import int8_coverage
+from test_pruning import PRUNE_ONLY, PRUNE_QUANT
 
 timm = pytest.importorskip("timm")
 
@@ -123,3 +124,31 @@ def test_timm_prune_equivalence(tmp_path, write_cfg, name):
         assert report.macs_reduction < 0.25 and any(BLOCKED[name] in r for r in why), why
     else:
         assert report.macs_reduction >= 0.25, why
+
+
+# Pruned + INT8 on models with BatchNormAct2d, Conv2dSame, ScaledStdConv2d, timm Linear heads and
+# a forward that reads a conv's weight (edgenext): every weight-bearing op is int8 in the deploy
+# model, and deploy agrees with fake_quant.
+QUANT_ZOO = ["efficientnet_b0", "tf_mobilenetv3_small_100", "nf_regnet_b0", "edgenext_xx_small"]
+QUANT_FAST = {"tf_mobilenetv3_small_100"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=() if n in QUANT_FAST else pytest.mark.slow)
+                                  for n in QUANT_ZOO])
+def test_timm_int8_coverage_and_parity(tmp_path, write_cfg, name):
+    model = build(name)
+    x = torch.randn(2, 3, 64, 64)
+    record = str(tmp_path / "r.txt")
+    cm = slimq.create_compressed_retrain_model(model, x, write_cfg(PRUNE_QUANT % (0.3, "false")), record)
+    cm.train()
+    cm(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    cm.eval()
+    with torch.no_grad():
+        cm(x)
+    saved = slimq.save_compressed_retrain_model(cm, record, str(tmp_path / "m"), x)
+    quantized, bearing = int8_coverage(saved.deploy_path)
+    deploy = saved.targets["deploy"]
+    print(f"\n| {name} | int8 {quantized}/{bearing} | deploy vs fake_quant rel L2 {deploy.rel_l2_vs_fake_quant:.2e} "
+          f"argmax {deploy.argmax_agreement} | float layers {len(saved.float_layers)} |")
+    assert quantized == bearing > 0
+    assert deploy.rel_l2_vs_fake_quant <= 0.05 and deploy.argmax_agreement == 1.0

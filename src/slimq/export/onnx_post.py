@@ -1,6 +1,8 @@
 """After torch.onnx.export: what an exported file needs before it is checked and kept.
 
 * The producer is slimq.
+* A mean over all spatial axes is a ``GlobalAveragePool`` (what the dynamo exporter writes as
+  ``ReduceMean``), so both exporters give ONNX Runtime the op it fuses into INT8.
 * Models with INT4/INT16 grids move to opset 21, the first whose QuantizeLinear and
   DequantizeLinear take 4- and 16-bit integers (the TorchScript exporter stops at opset 20, so
   the file is exported at 17 and converted with ``onnx.version_converter``); INT4 weights become
@@ -110,6 +112,56 @@ def _expand_wide(model: onnx.ModelProto) -> None:
     model.opset_import.extend(keep)
 
 
+def _ranks(model: onnx.ModelProto) -> dict:
+    """{value name: rank} wherever the file states a shape (inputs, outputs, value_info)."""
+    out = {}
+    for v in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            out[v.name] = len(t.shape.dim)
+    return out
+
+
+def global_pools(model: onnx.ModelProto) -> int:
+    """``ReduceMean`` over every spatial axis with ``keepdims=1`` becomes ``GlobalAveragePool``: the
+    same mean, as the op the TorchScript exporter writes for ``AdaptiveAvgPool2d(1)``. The dynamo
+    exporter decomposes that pooling into ``ReduceMean``, which ONNX Runtime runs in float between
+    quantized ops; ``GlobalAveragePool`` it fuses into ``QLinearGlobalAveragePool``. Returns how many
+    were replaced."""
+    inits = {t.name: t for t in model.graph.initializer}
+    ranks = _ranks(model)
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        rank = ranks.get(node.input[0])
+        if attrs.get("keepdims", 1) != 1 or rank is None or rank < 3:
+            continue
+        if "axes" in attrs:  # opset < 18
+            axes = list(attrs["axes"])
+        elif len(node.input) > 1 and node.input[1] in inits:
+            axes = numpy_helper.to_array(inits[node.input[1]]).reshape(-1).tolist()
+        else:
+            continue
+        if sorted(a % rank for a in axes) != list(range(2, rank)):
+            continue
+        node.op_type, node.domain = "GlobalAveragePool", ""
+        del node.input[1:]
+        del node.attribute[:]
+        done += 1
+    if done:
+        _drop_unused_initializers(model)
+    return done
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
 _MOVES_VALUES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
 
 
@@ -178,6 +230,7 @@ def finish(path: Path, opset: Optional[int] = None, int4: Sequence[str] = (),
             raise ExportError(f"converting the exported model to ONNX opset {opset} (needed for INT4/INT16 "
                               f"storage) failed: {exc}") from exc
     _expand_wide(model)
+    global_pools(model)
     if quantized_graph:
         quantize_before_reshapes(model)
     if graph_pass is not None:

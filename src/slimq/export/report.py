@@ -46,6 +46,8 @@ class TargetResult:
     bytes: int
     rel_l2_vs_fake_quant: float
     argmax_agreement: Optional[float]
+    exporter: str = "torchscript"    # which exporter wrote the file ("torchscript" or "dynamo")
+    opset: int = 17
 
 
 @dataclass
@@ -57,6 +59,10 @@ class ExportReport:
     float computation sits between quantizers (unfolded norms, unquantized layers, parameters
     used elementwise): bit-exactness of fake_quant against PyTorch holds only where there are
     none, and ``notes`` says whenever a measured deviation is above tolerance.
+
+    ``exporter`` names the exporter that wrote every file (``"mixed"`` when ``exporter="auto"``
+    fell back for some files only; ``targets[t].exporter`` says which); ``opset`` is the highest
+    opset among the files.
     """
 
     fake_quant_path: str

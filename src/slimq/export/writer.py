@@ -5,7 +5,9 @@
 2. One eval forward on ``input_data``: the PyTorch reference outputs and searchN's statistics;
    the factors and 2:4 masks go into the record.
 3. Each layer's integer form, computed once; each target (a read-only table in
-   :mod:`.targets`) builds its stand-ins from it, and the copy is exported once per target.
+   :mod:`.targets`) builds its stand-ins from it, and the copy is exported once per target, by
+   the TorchScript or the torch.export (dynamo) exporter (:data:`EXPORTERS`; ``"auto"`` tries
+   TorchScript first and falls back to dynamo, noting why).
 4. Every file is checked (``onnx.checker``, full check) and run in ONNX Runtime on exactly the
    declared inputs; the measured deviations go into the report.
 5. Only then are the files renamed into place, the record with them.
@@ -15,9 +17,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -38,10 +43,11 @@ from .report import (EXACT_TOLERANCE, TARGET_TOLERANCE, ExportReport, TargetResu
 from .targets import TARGETS, plain_float_layer
 from .targets.deploy import int4_initializers, needs_opset21
 
-__all__ = ["export_models", "EXTERNAL_DATA_BYTES", "ONNX_OPSET", "EXPORTERS"]
+__all__ = ["export_models", "EXTERNAL_DATA_BYTES", "ONNX_OPSET", "DYNAMO_OPSET", "EXPORTERS", "Exporter", "AUTO"]
 
 log = logging.getLogger("slimq")
 ONNX_OPSET = 17  # per-axis QuantizeLinear/DequantizeLinear need >= 13; TensorRT 8.6 reads 17
+DYNAMO_OPSET = 18  # the lowest opset torch.onnx's dynamo exporter writes without a conversion
 OPSET_WIDE = 21  # int4/int16/uint16 in QuantizeLinear/DequantizeLinear
 EXTERNAL_DATA_BYTES = 2 ** 31 - 2 ** 26  # protobuf's 2 GB limit, with room for the graph
 ALWAYS = ("fake_quant", "deploy")
@@ -215,15 +221,100 @@ def _torchscript_export(module: nn.Module, tensors: Sequence[torch.Tensor], path
         torch.onnx.export(module, tuple(tensors), str(path), **kwargs)
 
 
-EXPORTERS: Mapping[str, Callable[..., None]] = {"torchscript": _torchscript_export}
+def dynamic_shapes(input_names: Sequence[str], tensors: Sequence[torch.Tensor],
+                   dynamic_axes: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Tuple[Any, ...]]]:
+    """``dynamic_axes`` as torch.export's ``dynamic_shapes`` for the export wrapper's ``*tensors``:
+    ``{axis: name}`` per named input (a list of axes gets TorchScript's names
+    ``<input>_dynamic_axes_<k>``); outputs need no entry, torch.export derives their sizes."""
+    if not dynamic_axes:
+        return None
+    specs = []
+    for name, _ in zip(input_names, tensors):
+        axes = dynamic_axes.get(name)
+        if isinstance(axes, (list, tuple)):
+            axes = {a: f"{name}_dynamic_axes_{k + 1}" for k, a in enumerate(axes)}
+        specs.append(dict(axes) if axes else None)
+    return {"tensors": tuple(specs)}
 
 
-def _pick_exporter(name: str) -> str:
+def _dynamo_export(module: nn.Module, tensors: Sequence[torch.Tensor], path: Path, input_names,
+                   output_names, dynamic_axes, opset: int) -> None:
+    """torch.export, then the onnxscript translation of slimq's Q/DQ ops (:mod:`.qdq`)."""
+    try:
+        from .qdq import dynamo_translations
+
+        table = dict(dynamo_translations())
+    except ImportError as exc:
+        raise ExportError(f"exporter='dynamo' needs onnxscript ({exc}); pip install onnxscript") from exc
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # torch.export's notices; its progress lines go to stdout
+        torch.onnx.export(module, tuple(tensors), str(path), dynamo=True, input_names=list(input_names),
+                          output_names=output_names, opset_version=opset,
+                          dynamic_shapes=dynamic_shapes(input_names, tensors, dynamic_axes),
+                          custom_translation_table=table, external_data=True, optimize=True, verbose=False)
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """One way to turn the export copy into an ONNX file."""
+
+    export: Callable[..., None]  # (module, tensors, path, input_names, output_names, dynamic_axes, opset)
+    opset: int  # the opset it writes (INT4/INT16 models are converted to OPSET_WIDE afterwards)
+
+
+EXPORTERS: Mapping[str, Exporter] = MappingProxyType({
+    "torchscript": Exporter(_torchscript_export, ONNX_OPSET),  # follows Python control flow
+    "dynamo": Exporter(_dynamo_export, DYNAMO_OPSET),  # torch.export: adaptive pooling of any size
+})
+AUTO = ("torchscript", "dynamo")  # exporter="auto": the first that exports each file
+
+
+def _exporter_order(name: str) -> Tuple[str, ...]:
     if name == "auto":
-        return "torchscript" if "torchscript" in EXPORTERS else "dynamo"
+        return AUTO
     if name not in EXPORTERS:
         raise ExportError(f"exporter must be one of {sorted(EXPORTERS) + ['auto']}, got {name!r}")
-    return name
+    return (name,)
+
+
+def _export_one(order: Sequence[str], target: str, write: Callable[[Exporter], None], notes: List[str]) -> str:
+    """``write`` the ``target`` file with the first exporter in ``order`` that succeeds (export,
+    post-processing and checker); returns its name. A fallback is noted with what caused it.
+
+    Raises:
+        ExportError: every exporter in ``order`` failed (the message has each one's error).
+    """
+    failed: List[Tuple[str, Exception]] = []
+    for kind in order:
+        try:
+            write(EXPORTERS[kind])
+        except SlimqError as exc:
+            if len(order) == 1:
+                raise
+            failed.append((kind, exc))
+        except Exception as exc:
+            failed.append((kind, exc))
+        else:
+            if failed:
+                notes.append(f"the {target} model was exported with exporter '{kind}' because "
+                             + "; ".join(f"exporter '{k}' failed: {_short(e)}" for k, e in failed))
+            return kind
+    raise ExportError(f"ONNX export of the {target} model failed: "
+                      + "; ".join(f"[{k}] {type(e).__name__}: {_reason(e)}" for k, e in failed)) from failed[-1][1]
+
+
+_SUMMARY = "## Exception summary"  # torch.onnx's dynamo errors: advice first, the cause after this
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    return text[text.index(_SUMMARY) + len(_SUMMARY):].strip() if _SUMMARY in text else text
+
+
+def _short(exc: Exception, limit: int = 300) -> str:
+    lines = _reason(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _ort_run(path: Path, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> List[np.ndarray]:
@@ -265,7 +356,7 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
     unknown = [t for t in names if t not in TARGETS]
     if unknown:
         raise ExportError(f"unknown export target(s) {unknown}; available: {sorted(TARGETS)}")
-    kind = _pick_exporter(exporter)
+    order = _exporter_order(exporter)
     work, notes = _export_copy(model)
     inputs = _float32(inputs)
     layers = dict(iter_compressed(work))
@@ -286,27 +377,27 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
     options = {"signed_weights": signed_weights}
     with FileTransaction() as tx:
         staged: Dict[str, Path] = {}
+        used: Dict[str, str] = {}  # target -> exporter that wrote its file
         for target in names:
-            final = Path(f"{save_path}_{target}_model.onnx")
-            staged[target] = tx.path(final)
-            try:
+            staged[target] = tx.path(Path(f"{save_path}_{target}_model.onnx"))
+
+            def write(ex: Exporter, target: str = target) -> None:
                 with _swapped(work, _stand_ins(target, layers, forms, points, options)), torch.no_grad():
-                    EXPORTERS[kind](wrapper, tensors, staged[target], in_names, output_names, dynamic_axes,
-                                    ONNX_OPSET)
+                    ex.export(wrapper, tensors, staged[target], in_names, output_names, dynamic_axes, ex.opset)
                     int4 = int4_initializers(work)
                 onnx_post.finish(staged[target], opset=OPSET_WIDE if wide else None, int4=int4,
                                  external=external, prefix="model.", quantized_graph=target != "fake_quant",
                                  graph_pass=TARGETS[target].graph_pass)
-            except SlimqError:
-                raise
-            except Exception as exc:
-                raise ExportError(f"ONNX export of the {target} model failed: {type(exc).__name__}: {exc}") from exc
+
+            used[target] = _export_one(order, target, write, notes)
+            order = order[order.index(used[target]):]  # a fallback holds for the remaining files
         try:
             results = {t: _ort_run(p, in_names, tensors) for t, p in staged.items()}
         except Exception as exc:
             raise ExportError(f"ONNX Runtime could not run the exported models: {exc}") from exc
-        report = _report(save_path, staged, results, reference, output_names, notes, work, kind,
-                         OPSET_WIDE if wide else ONNX_OPSET, external, strict)
+        opsets = {t: OPSET_WIDE if wide else EXPORTERS[k].opset for t, k in used.items()}
+        report = _report(save_path, staged, results, reference, output_names, notes, work, used, opsets,
+                         external, strict)
         if record_path is not None:
             tx.text(record_path, record.to_text())
         tx.commit()
@@ -314,8 +405,8 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
 
 
 def _report(save_path: str, staged: Mapping[str, Path], results: Mapping[str, List[np.ndarray]],
-            reference: List[np.ndarray], output_names, notes: List[str], work: nn.Module, kind: str,
-            opset: int, external: bool, strict: bool) -> ExportReport:
+            reference: List[np.ndarray], output_names, notes: List[str], work: nn.Module,
+            used: Mapping[str, str], opsets: Mapping[str, int], external: bool, strict: bool) -> ExportReport:
     fq = results["fake_quant"]
     if not all(np.isfinite(o).all() for r in results.values() for o in r):
         raise ExportError("the exported models produce NaN/Inf in ONNX Runtime on input_data")
@@ -333,7 +424,7 @@ def _report(save_path: str, staged: Mapping[str, Path], results: Mapping[str, Li
         err = 0.0 if t == "fake_quant" else _rel_l2_all(out, fq)
         agree = [a for a in (argmax_agreement(o, f) for o, f in zip(out, fq)) if a is not None]
         targets[t] = TargetResult(t, str(final[t]), _file_bytes(staged[t]), err,
-                                  float(np.mean(agree)) if agree else None)
+                                  float(np.mean(agree)) if agree else None, used[t], opsets[t])
         if err > TARGET_TOLERANCE:
             disagree.append(t)
             notes.append(f"the {t} model differs from the fake_quant model by {err:.2e} (relative L2) on "
@@ -348,7 +439,8 @@ def _report(save_path: str, staged: Mapping[str, Path], results: Mapping[str, Li
         fake_quant_bytes=targets["fake_quant"].bytes, deploy_bytes=targets["deploy"].bytes,
         int8_initializers=int8, fake_quant_vs_torch=fq_err, deploy_vs_fake_quant=targets["deploy"].rel_l2_vs_fake_quant,
         external_data=external, notes=notes, outputs=compare_outputs(out_names, reference, fq, results["deploy"]),
-        targets=targets, float_layers=floats, exporter=kind, opset=opset)
+        targets=targets, float_layers=floats, exporter=used["fake_quant"] if len(set(used.values())) == 1 else "mixed",
+        opset=max(opsets.values()))
 
 
 def _rel_l2_all(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:

@@ -20,17 +20,26 @@ from .context import ChannelContext, ChannelGroup, Member
 from .dataflow import Dataflow, External, Node, ValueRef
 from .layout import Layout, Seg, flat
 from .ops import function_op, module_op
-from .rules import DERIVED_RULES, FUNCTION_RULES, MODULE_RULES
+from .rules import DERIVED_RULES, FUNCTION_RULES, HEAD_FAMILIES, HEAD_MODULE_FAMILIES, MODULE_RULES
 
 __all__ = ["Seg", "Layout", "Member", "ChannelGroup", "channel_groups", "PRODUCER_TYPES"]
 
 PRODUCER_TYPES: Tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+def _reads_heads(ctx: ChannelContext, node: Node) -> bool:
+    return any(lay is not None and lay.head for lay in (ctx.layouts.get(v) for v in node.inputs))
+
+
 def _analyse(ctx: ChannelContext, node: Node) -> None:
+    heads = _reads_heads(ctx, node)
     if node.is_module:
         m = ctx.modules.get(node.target)
         op = module_op(m) if m is not None else None
+        if heads and (op is None or op.family not in HEAD_MODULE_FAMILIES):
+            ctx.block_inputs(node, f"{ctx.describe(node)} reads attention heads, which slimq cannot prove "
+                                   "it keeps apart")
+            return ctx.set_out(node, None)
         if op is None:
             ctx.block_inputs(node, f"consumed by {ctx.describe(node)}")
             return ctx.set_out(node, None)
@@ -43,6 +52,9 @@ def _analyse(ctx: ChannelContext, node: Node) -> None:
         if rule is not None:
             rule(ctx, node)
         return
+    if heads and op.family not in HEAD_FAMILIES:
+        ctx.block_inputs(node, f"{ctx.describe(node)} reads attention heads, which slimq cannot prove it keeps apart")
+        return ctx.set_out(node, None)
     FUNCTION_RULES[op.family](ctx, node)
 
 

@@ -11,6 +11,8 @@
   (``out``), layers that pass channels through (``channel``: BatchNorm, depthwise conv, a
   per-channel scale) and consumers (``in``). ``begin`` is where the member's slice starts on the
   module's own channel axis.
+* A space may have to lose channels in whole aligned **blocks** (the ``D`` channels of one
+  attention head): ``block`` is the least common multiple of what its uses ask for.
 * Tensors read by traced functions are tracked: a rule **claims** a read when it proves it
   channel-wise for a member (``F.batch_norm``'s running mean, a layer scale). A tensor that a
   member slices but that some op reads without a claim blocks that member.
@@ -53,6 +55,7 @@ class ChannelGroup:
     members: Tuple[Member, ...]
     parts: int = 1  # channels are removed evenly from this many equal parts (grouped conv, chunk)
     reasons: Tuple[str, ...] = ()
+    block: int = 1  # channels are removed in whole aligned blocks of this many (attention heads)
 
     @property
     def prunable(self) -> bool:
@@ -67,6 +70,7 @@ class _Space:
     parts: Set[int] = field(default_factory=set)
     reasons: List[str] = field(default_factory=list)
     split: Optional[Tuple[Seg, ...]] = None  # pieces (space, offset here, length), in order
+    block: int = 1
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,10 @@ class _Claim:
     module: str
     role: str
     dim: int
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
 
 
 class ChannelContext:
@@ -117,6 +125,7 @@ class ChannelContext:
         sb.parent = ra
         sa.members += sb.members
         sa.parts |= sb.parts
+        sa.block = _lcm(sa.block, sb.block)
         sa.reasons += [r for r in sb.reasons if r not in sa.reasons]
 
     def whole(self, seg: Seg) -> bool:
@@ -172,6 +181,13 @@ class ChannelContext:
             else:
                 for piece in pieces:
                     self.spaces[piece.space].parts.add(piece.length // step)
+        if any(b % s.block for b in bounds):
+            for piece in pieces:
+                self.spaces[piece.space].reasons.append(
+                    f"channels removed in whole blocks of {s.block} (attention heads) are tied in pieces "
+                    "that cut a block")
+        for piece in pieces:
+            self.spaces[piece.space].block = s.block
         if s.parts:
             self.split_parts.append(tuple(p.space for p in pieces))
         for m in s.members:
@@ -299,6 +315,20 @@ class ChannelContext:
         self.spaces[self.find(layout.segs[0].space)].parts.add(parts)
         return True
 
+    def add_block(self, layout: Layout, block: int) -> bool:
+        """Channels must be removed in whole blocks of ``block`` (one attention head), aligned
+        to each space's start; False where a piece of the layout cuts a block."""
+        leaves = self.resolve(layout)
+        for leaf in leaves:
+            s = self.spaces[self.find(leaf.space)]
+            new = _lcm(s.block, block)
+            if leaf.start % new or leaf.length % new or s.size % new:
+                return False
+        for leaf in leaves:
+            s = self.spaces[self.find(leaf.space)]
+            s.block = _lcm(s.block, block)
+        return True
+
     # ---------------------------------------------------------------- values
     def shape(self, vid: int) -> Tuple[int, ...]:
         return self.df.values[vid].shape
@@ -416,11 +446,13 @@ class ChannelContext:
             reasons = list(s.reasons)
             if parts > 1 and s.size % parts:
                 reasons.append(f"{s.size} channels cannot be split into {parts} equal parts")
+            elif s.block > 1 and (s.size // parts) % s.block:
+                reasons.append(f"{s.size} channels in {parts} part(s) cannot be removed in whole blocks of {s.block}")
             members = tuple(dict.fromkeys(s.members))
             producers = tuple(dict.fromkeys(m.module for m in members if m.role == "out"))
             group_of[root] = len(out)
             out.append(ChannelGroup(id=len(out), size=s.size, producers=producers, members=members,
-                                    parts=parts, reasons=tuple(dict.fromkeys(reasons))))
+                                    parts=parts, reasons=tuple(dict.fromkeys(reasons)), block=s.block))
         for pieces in self.split_parts:  # equal removal across pieces needs one group
             roots = {self.find(leaf.space) for p in pieces for leaf in self.leaves(Seg(p, 0, self.spaces[p].size))}
             if len(roots) > 1:

@@ -6,6 +6,11 @@ shapes and positions, so each one can be tested on its own.
 * A :class:`Layout` says which channel spaces a data tensor's channel axis holds: ``axis``, a
   tuple of :class:`Seg` (space, start, length), and ``unit``, the number of consecutive
   elements per channel along that axis (a flatten of a 7x7 map makes it 49).
+* A **head layout** (``head > 0``) is a channel axis reshaped into attention heads of ``head``
+  channels each (``(B, L, H*D) -> (B, L, H, D)``): ``axis`` is then the head axis, ``inner``
+  the axis of a head's ``D`` channels (-1 once a matmul contracted it, as in the attention
+  scores), and ``outer`` an axis that chunks the channels into equal parts first (timm's packed
+  ``(3, H, D)`` q/k/v), or -1. Channel ``c`` sits at ``(c // (H*D), c // D % H, c % D)``.
 * A :class:`Derived` describes a tensor computed from parameters and buffers only (``gamma.view(1,
   -1, 1, 1)``, a standardised conv weight): for each of its dims, which dims of which
   parameters it indexes one to one, and which parameter dims were mixed (normalised or reduced
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = ["Seg", "Layout", "TensorDim", "Part", "Derived", "flat", "reshape_axis", "permute_order",
-           "reduced_dims", "slice_bounds", "index_items"]
+           "reduced_dims", "slice_bounds", "index_items", "head_split", "head_merge"]
 
 
 @dataclass(frozen=True)
@@ -33,10 +38,23 @@ class Layout:
     axis: int
     segs: Tuple[Seg, ...]
     unit: int = 1
+    head: int = 0  # channels per attention head; 0: no head structure (see module docstring)
+    inner: int = -1
+    outer: int = -1
 
     @property
     def channels(self) -> int:
         return sum(s.length for s in self.segs)
+
+    def moved(self, order: Sequence[int]) -> "Layout":
+        """The same layout after a permute; ``order[i]`` is the input dim of output dim ``i``."""
+        at = (lambda a: order.index(a) if a >= 0 else -1)
+        return Layout(at(self.axis), self.segs, self.unit, self.head, at(self.inner), at(self.outer))
+
+    def shifted(self, by: int) -> "Layout":
+        """The same layout with every axis moved by ``by`` (broadcast to more or fewer dims)."""
+        at = (lambda a: a + by if a >= 0 else -1)
+        return Layout(self.axis + by, self.segs, self.unit, self.head, at(self.inner), at(self.outer))
 
 
 def flat(obj: Any) -> List[Any]:
@@ -79,6 +97,38 @@ def reshape_axis(in_shape: Sequence[int], out_shape: Sequence[int], axis: int, c
         if unit % k == 0 or k % unit == 0:  # fewer or more elements per channel in this axis
             return j, k
     return None
+
+
+def head_split(in_shape: Sequence[int], out_shape: Sequence[int], axis: int,
+               channels: int) -> Optional[Tuple[int, int, int, int]]:
+    """A reshape that splits a channel axis of ``channels`` (one element each) into heads:
+    ``(..., C, ...) -> (..., H, D, ...)`` or ``(..., K, H, D, ...)`` with ``K*H*D = C``, the dims
+    before and after unchanged. Returns ``(outer, head axis, inner, D)`` (outer -1 without
+    ``K``), or None for any other reshape."""
+    if in_shape[axis] != channels:
+        return None
+    lead, tail = tuple(in_shape[:axis]), tuple(in_shape[axis + 1:])
+    n = len(out_shape) - len(lead) - len(tail)
+    if n not in (2, 3) or tuple(out_shape[:axis]) != lead or tuple(out_shape[axis + n:]) != tail:
+        return None
+    factors = out_shape[axis:axis + n]
+    if math.prod(factors) != channels or any(f < 2 for f in factors[-2:]) or factors[0] < 1:
+        return None
+    if n == 2:
+        return -1, axis, axis + 1, factors[1]
+    return axis, axis + 1, axis + 2, factors[2]
+
+
+def head_merge(in_shape: Sequence[int], out_shape: Sequence[int], head_axis: int, inner: int) -> Optional[int]:
+    """Where a head layout with its ``D`` channels right after the head axis lands when a
+    reshape merges the two back into one channel axis (``(B, L, H, D) -> (B, L, H*D)``)."""
+    if inner != head_axis + 1:
+        return None
+    lead, tail = tuple(in_shape[:head_axis]), tuple(in_shape[inner + 1:])
+    if len(out_shape) != len(lead) + 1 + len(tail) or tuple(out_shape[:head_axis]) != lead \
+            or tuple(out_shape[head_axis + 1:]) != tail:
+        return None
+    return head_axis if out_shape[head_axis] == in_shape[head_axis] * in_shape[inner] else None
 
 
 def permute_order(name: str, nd: int, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[List[int]]:

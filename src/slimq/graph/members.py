@@ -14,12 +14,15 @@ along its only dim for any other module (``LayerScale.gamma``, ``Affine.alpha`` 
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["channel_tensors", "consumer_role", "channel_width", "is_channelwise", "is_depthwise", "vector_dim"]
+__all__ = ["channel_tensors", "consumer_role", "channel_width", "is_channelwise", "is_depthwise", "vector_dim",
+           "HeadSpec", "HEAD_MODULES", "head_spec"]
 
 _STANDARD = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
@@ -110,4 +113,61 @@ def channel_width(m: nn.Module, role: str) -> Optional[int]:
     tensors = channel_tensors(m, role) or ()
     for attr, dim in tensors:
         return getattr(m, attr).shape[dim]
+    return None
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """How an attention module states its heads, so that removing whole heads (rows of its
+    q/k/v projections) can update the attributes its own forward reads.
+
+    Attributes:
+        head_dim: attribute holding the channels per head (unchanged by head removal).
+        count: attribute holding the number of heads.
+        rows: child Linears whose output rows are the heads, ``packs`` copies each (3 for one
+            packed qkv Linear).
+        widths: attributes equal to ``heads * head_dim`` (timm's ``attn_dim``, HF's ``all_head_size``).
+    """
+
+    head_dim: str
+    count: str
+    rows: Tuple[str, ...]
+    packs: int = 1
+    widths: Tuple[str, ...] = ()
+
+    def heads(self, m: nn.Module) -> Optional[int]:
+        """The head count the projections' widths say, or None where they disagree or cut a head."""
+        d = getattr(m, self.head_dim)
+        widths = {getattr(m, r).out_features for r in self.rows}
+        if len(widths) != 1:
+            return None
+        width = widths.pop()
+        return width // (self.packs * d) if width % (self.packs * d) == 0 else None
+
+
+# Attention classes whose heads may be removed, by qualified class name (no import of timm or
+# transformers needed; subclasses match through their MRO).
+HEAD_MODULES: Mapping[str, HeadSpec] = MappingProxyType({
+    "slimq.nn.attention.SplitMultiheadAttention": HeadSpec("head_dim", "num_heads", ("q_proj", "k_proj", "v_proj")),
+    "timm.layers.attention.Attention": HeadSpec("head_dim", "num_heads", ("qkv",), packs=3, widths=("attn_dim",)),
+    "transformers.models.bert.modeling_bert.BertSelfAttention": HeadSpec(
+        "attention_head_size", "num_attention_heads", ("query", "key", "value"), widths=("all_head_size",)),
+    "transformers.models.vit.modeling_vit.ViTAttention": HeadSpec(
+        "head_dim", "num_attention_heads", ("q_proj", "k_proj", "v_proj")),
+    # the same code under other names (tests/test_zoo_transformers.py checks the source is identical)
+    "transformers.models.electra.modeling_electra.ElectraSelfAttention": HeadSpec(
+        "attention_head_size", "num_attention_heads", ("query", "key", "value"), widths=("all_head_size",)),
+    "transformers.models.deit.modeling_deit.DeiTAttention": HeadSpec(
+        "head_dim", "num_attention_heads", ("q_proj", "k_proj", "v_proj")),
+    "transformers.models.dinov2.modeling_dinov2.Dinov2Attention": HeadSpec(
+        "head_dim", "num_attention_heads", ("q_proj", "k_proj", "v_proj")),
+})
+
+
+def head_spec(m: Optional[nn.Module]) -> Optional[HeadSpec]:
+    """The head description of an attention module (its class or a base class), or None."""
+    for cls in type(m).__mro__ if m is not None else ():
+        spec = HEAD_MODULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if spec is not None:
+            return spec
     return None

@@ -116,6 +116,8 @@ _F.update(_rows("batch_norm", ("batch_norm", "instance_norm")))
 _F.update(_rows("group_norm", ("group_norm",)))
 _F.update(_rows("layer_norm", ("layer_norm", "rms_norm")))
 _F.update(_rows("prelu", ("prelu",)))
+_F.update(_rows("matmul", ("matmul",)))
+_F.update(_rows("attention", ("scaled_dot_product_attention",)))
 _F.update(_rows("pixel_shuffle", ("pixel_shuffle", "channel_shuffle", "pixel_unshuffle"), sign="keeps"))
 
 FUNCTIONS: Mapping[str, Op] = MappingProxyType(_F)

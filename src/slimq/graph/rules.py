@@ -9,6 +9,13 @@ Three read-only tables map a family to its rule:
   it records how the result indexes the parameters (``layout.Derived``). A family without a
   derived rule leaves such reads unproven.
 
+Attention heads: a reshape of a projection's output into ``(heads, head_dim)`` inside a known
+attention module (``members.HEAD_MODULES``) gives a head layout (``layout.Layout``) and makes
+the channels removable in whole heads only. Only the families in ``HEAD_FAMILIES`` (and the
+module families in ``HEAD_MODULE_FAMILIES``) read head layouts; every other op that meets one
+blocks it, since it could mix heads. ``q @ k^T`` and ``scores @ v`` (or
+``scaled_dot_product_attention``) tie q, k and v head by head; heads never meet inside them.
+
 A rule sets the output layouts (``ctx.set_out``), ties layouts (``ctx.couple``), registers
 members (``ctx.bind``, ``ctx.produce``), claims the parameter reads it proves channel-wise
 (``ctx.claim``), and blocks with a reason naming the op whatever it cannot prove.
@@ -22,12 +29,12 @@ from torch import nn
 
 from .context import ChannelContext
 from .dataflow import External, Node, Opaque, ValueRef
-from .layout import (Derived, Layout, Seg, TensorDim, flat, index_items, permute_order, reduced_dims,
-                     reshape_axis, slice_bounds)
-from .members import is_channelwise
+from .layout import (Derived, Layout, Seg, TensorDim, flat, head_merge, head_split, index_items, permute_order,
+                     reduced_dims, reshape_axis, slice_bounds)
+from .members import HEAD_MODULES, head_spec, is_channelwise
 from .ops import normalize
 
-__all__ = ["MODULE_RULES", "FUNCTION_RULES", "DERIVED_RULES"]
+__all__ = ["MODULE_RULES", "FUNCTION_RULES", "DERIVED_RULES", "HEAD_FAMILIES", "HEAD_MODULE_FAMILIES"]
 
 ModuleRule = Callable[[ChannelContext, Node, nn.Module], None]
 FunctionRule = Callable[[ChannelContext, Node], None]
@@ -251,6 +258,8 @@ def f_elementwise(ctx: ChannelContext, node: Node) -> None:
     tracked = [(op, ctx.layout(op)) for op in operands if ctx.is_data(op) and ctx.layout(op) is not None]
     if not tracked:
         return ctx.set_out(node, None)
+    if any(lay.head for _, lay in tracked):
+        return _head_elementwise(ctx, node, operands, tracked)
     rels = {lay.axis - len(ctx.shape(op.id)) for op, lay in tracked}
     if len(rels) > 1:
         for _, lay in tracked:
@@ -301,8 +310,12 @@ def f_reshape(ctx: ChannelContext, node: Node) -> None:
     ctx.pass_reads()  # view_as / reshape_as read only the other tensor's shape
     if lin is None or not node.outputs:
         return ctx.set_out(node, None)
+    if lin.head:
+        return _merge_heads(ctx, node, vid, lin)
     found = reshape_axis(ctx.shape(vid), ctx.shape(node.outputs[0]), lin.axis, lin.channels, lin.unit)
     if found is None:
+        if lin.unit == 1 and _split_heads(ctx, node, vid, lin):
+            return None
         ctx.block(lin, f"{ctx.describe(node)} reshapes across the channel axis")
         return ctx.set_out(node, None)
     ctx.set_out(node, Layout(found[0], lin.segs, found[1]))
@@ -316,7 +329,7 @@ def f_permute(ctx: ChannelContext, node: Node) -> None:
     if order is None:
         ctx.block(lin, f"{ctx.describe(node)} with arguments slimq cannot read")
         return ctx.set_out(node, None)
-    ctx.set_out(node, Layout(order.index(lin.axis), lin.segs, lin.unit))
+    ctx.set_out(node, lin.moved(order))
 
 
 def f_expand(ctx: ChannelContext, node: Node) -> None:
@@ -384,6 +397,8 @@ def f_split(ctx: ChannelContext, node: Node) -> None:
         ctx.block(lin, f"{ctx.describe(node)} with arguments slimq cannot read")
         return ctx.set_out(node, None)
     dim %= nd
+    if lin.head:
+        return _unbind_heads(ctx, node, lin, name, dim)
     if dim != lin.axis:
         axis = lin.axis - (1 if name == "unbind" and dim < lin.axis else 0)
         return ctx.set_out(node, Layout(axis, lin.segs, lin.unit))
@@ -444,8 +459,9 @@ def _along_dim(ctx: ChannelContext, node: Node, dim: Any) -> None:
     if lin is None:
         return ctx.set_out(node, None)
     nd = len(ctx.shape(vid))
-    if not isinstance(dim, int) or dim % nd == lin.axis:
-        ctx.block(lin, f"{ctx.describe(node)} normalises over the channel axis")
+    if not isinstance(dim, int) or dim % nd in (lin.axis, lin.inner, lin.outer):
+        ctx.block(lin, f"{ctx.describe(node)} normalises over the channel axis" if not lin.head else
+                  f"{ctx.describe(node)} normalises over attention heads or a head's channels")
         return ctx.set_out(node, None)
     ctx.set_out(node, lin)
 
@@ -677,6 +693,168 @@ def f_unknown(ctx: ChannelContext, node: Node) -> None:
     ctx.set_out(node, None)
 
 
+# ----------------------------------------------------------------------------- attention heads
+
+# Families whose rules read head layouts; any other op meeting one blocks it.
+HEAD_FAMILIES = frozenset({"identity", "same", "no_data", "host_read", "reshape", "permute", "split",
+                           "elementwise", "along_dim", "matmul", "attention"})
+HEAD_MODULE_FAMILIES = frozenset({"identity", "elementwise"})  # Dropout, Identity, activations
+
+
+def _split_heads(ctx: ChannelContext, node: Node, vid: int, lin: Layout) -> bool:
+    """``(B, L, H*D) -> (B, L, H, D)`` (or ``(B, N, 3, H, D)``, timm's packed qkv): a head
+    layout, if the reshape runs in a known attention module whose head size is ``D``; then the
+    channels can only lose whole heads. False if this is no split into heads."""
+    out_shape = ctx.shape(node.outputs[0])
+    found = head_split(ctx.shape(vid), out_shape, lin.axis, lin.channels)
+    if found is None:
+        return False
+    outer, axis, inner, d = found
+    packs, heads = (out_shape[outer] if outer >= 0 else 1), out_shape[axis]
+    m = ctx.modules.get(node.scope)
+    spec = head_spec(m)
+    if spec is None:  # a channel shuffle, or attention slimq could not update after removing heads
+        where = f"'{node.scope}' ({type(m).__name__})" if node.scope and m is not None else "the model's forward"
+        into = " x ".join(str(n) for n in ((packs,) if packs > 1 else ()) + (heads, d))
+        ctx.block(lin, f"{ctx.describe(node)} reshapes across the channel axis (into {into}; "
+                       "whole attention heads are removed only inside attention modules whose head count slimq "
+                       f"can update: {', '.join(k.rpartition('.')[2] for k in HEAD_MODULES)}; this reshape is in "
+                       f"{where})")
+        ctx.set_out(node, None)
+        return True
+    what = f"{ctx.describe(node)} splits these channels into {heads} attention heads of {d}"
+    why = None
+    if getattr(m, spec.head_dim, None) != d or packs != spec.packs:
+        why = f"{what}, which does not match {type(m).__name__}.{spec.head_dim} = {getattr(m, spec.head_dim, None)}"
+    elif packs > 1 and not ctx.add_parts(lin, packs):
+        why = f"{what} of {packs} packed projections, which are not one whole layer's output"
+    elif not ctx.add_block(lin, d):
+        why = f"{what}, but these channels are tied in pieces that cut a head"
+    if why is not None:
+        ctx.block(lin, why)
+        ctx.set_out(node, None)
+        return True
+    ctx.set_out(node, Layout(axis, lin.segs, 1, d, inner, outer))
+    return True
+
+
+def _merge_heads(ctx: ChannelContext, node: Node, vid: int, lin: Layout) -> None:
+    """``(B, L, H, D) -> (B, L, H*D)``: back to a plain channel axis; a reshape to the same
+    shape changes nothing; other reshapes block."""
+    out_shape = ctx.shape(node.outputs[0])
+    if tuple(out_shape) == tuple(ctx.shape(vid)):
+        return ctx.set_out(node, lin)
+    axis = head_merge(ctx.shape(vid), out_shape, lin.axis, lin.inner) if lin.outer < 0 else None
+    if axis is None:
+        ctx.block(lin, f"{ctx.describe(node)} reshapes attention heads other than back into channels")
+        return ctx.set_out(node, None)
+    ctx.set_out(node, Layout(axis, lin.segs))
+
+
+def _unbind_heads(ctx: ChannelContext, node: Node, lin: Layout, name: str, dim: int) -> None:
+    """``q, k, v = qkv.unbind(0)`` along the packing axis: equal consecutive parts."""
+    if name != "unbind" or dim != lin.outer or len(lin.segs) != 1 or not node.outputs:
+        ctx.block(lin, f"{ctx.describe(node)} splits attention heads")
+        return ctx.set_out(node, None)
+    seg, n = lin.segs[0], len(node.outputs)
+    size = seg.length // n
+    at = (lambda a: a - 1 if a > dim else a)
+    for i, out in enumerate(node.outputs):
+        ctx.layouts[out] = Layout(at(lin.axis), (Seg(seg.space, seg.start + i * size, size),), 1, lin.head,
+                                  at(lin.inner) if lin.inner >= 0 else -1)
+
+
+def _head_elementwise(ctx: ChannelContext, node: Node, operands: Sequence[Any],
+                      tracked: Sequence[Tuple[Any, Layout]]) -> None:
+    """``q * scale``, ``scores + mask``: operands with heads must have them on the same axes
+    (tied head by head); every other operand must be broadcast over the heads and their channels."""
+    nd = len(ctx.shape(node.outputs[0]))
+    shift = (lambda op: nd - len(ctx.operand_shape(op)))
+    heads = [(op, lay.shifted(shift(op))) for op, lay in tracked if lay.head]
+    base = heads[0][1]
+    axes = [a for a in (base.axis, base.inner, base.outer) if a >= 0]
+    ok = True
+    for op in operands:
+        lay = ctx.layout(op) if ctx.is_data(op) else None
+        if lay is not None and lay.head:
+            lay = lay.shifted(shift(op))
+            if (lay.axis, lay.inner, lay.outer, lay.head) != (base.axis, base.inner, base.outer, base.head):
+                ok = False
+            elif lay.segs != base.segs:
+                ok &= ctx.couple(base, lay, ctx.describe(node))
+            continue
+        if lay is not None:  # channels of another layout meet the heads: not proven
+            ok = False
+        shape = ctx.operand_shape(op)
+        if any(a - shift(op) >= 0 and shape[a - shift(op)] != 1 for a in axes):
+            ok = False
+    if not ok:
+        for _, lay in tracked:
+            ctx.block(lay, f"{ctx.describe(node)} combines attention heads with a tensor that is not "
+                           "broadcast over them (per-head values or another head layout)")
+        return ctx.set_out(node, None)
+    ctx.set_out(node, base)
+
+
+def f_matmul(ctx: ChannelContext, node: Node) -> None:
+    """``q @ k^T`` (contracts the channels of each head: q and k tied, scores carry whole heads)
+    and ``scores @ v`` (scores' heads tied with v's; the output has v's channels). Heads must be
+    batch dims of both operands; anything else is not proven and blocks."""
+    ops = _tensor_args(node)
+    if len(ops) != 2 or not node.outputs:
+        return f_unknown(ctx, node)
+    la, lb = (ctx.layout(t) if ctx.is_data(t) else None for t in ops)
+    if not (la is not None and la.head and lb is not None and lb.head):
+        return f_unknown(ctx, node)
+    na, nb, nd = len(ctx.operand_shape(ops[0])), len(ctx.operand_shape(ops[1])), len(ctx.shape(node.outputs[0]))
+    batch = la.axis - na == lb.axis - nb and la.axis < na - 2 and lb.axis < nb - 2 and la.head == lb.head \
+        and la.outer < 0 and lb.outer < 0 and ctx.operand_shape(ops[0])[la.axis] == ctx.operand_shape(ops[1])[lb.axis]
+    axis = nd + la.axis - na
+    if batch and la.inner == na - 1 and lb.inner == nb - 2:  # q @ k^T
+        if ctx.couple(la, lb, ctx.describe(node)):
+            return ctx.set_out(node, Layout(axis, la.segs, 1, la.head, -1))
+    elif batch and la.inner < 0 and lb.inner == nb - 1:  # scores @ v
+        if ctx.couple(la, lb, ctx.describe(node)):
+            return ctx.set_out(node, Layout(axis, lb.segs, 1, lb.head, nd - 1))
+    else:
+        reason = f"{ctx.describe(node)} multiplies attention heads other than as q @ k^T or scores @ v"
+        ctx.block(la, reason)
+        ctx.block(lb, reason)
+    ctx.set_out(node, None)
+
+
+def f_attention(ctx: ChannelContext, node: Node) -> None:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask)``: q, k, v with heads on dim -3 and
+    each head's channels on dim -1, tied head by head; the output has v's channels. A mask
+    with a head dim, or grouped-query attention, is not proven and blocks."""
+    q, k, v = _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
+    mask = _arg(node, 3, "attn_mask")
+    lays = [ctx.layout(t) if t is not None and ctx.is_data(t) else None for t in (q, k, v)]
+    if not any(lay is not None and lay.head for lay in lays):
+        return f_unknown(ctx, node)  # no heads proven: channels in it are not followed
+    reason = None
+    if not all(lay is not None and lay.head for lay in lays):
+        reason = f"{ctx.describe(node)} reads attention heads only in part of q, k and v"
+    else:
+        nds = [len(ctx.operand_shape(t)) for t in (q, k, v)]
+        if any(lay.axis != n - 3 or lay.inner != n - 1 or lay.outer >= 0 or lay.head != lays[0].head
+               for lay, n in zip(lays, nds)):
+            reason = f"{ctx.describe(node)} reads q, k and v with heads on other axes"
+        elif node.kwargs.get("enable_gqa", False):
+            reason = f"{ctx.describe(node)} shares key/value heads between query heads (grouped-query attention)"
+        elif isinstance(mask, (ValueRef, External)) and len(ctx.operand_shape(mask)) >= 3 \
+                and ctx.operand_shape(mask)[-3] != 1:
+            reason = f"{ctx.describe(node)} takes an attention mask with one entry per head"
+    if reason is None and ctx.couple(lays[0], lays[1], ctx.describe(node)) \
+            and ctx.couple(lays[1], lays[2], ctx.describe(node)):
+        return ctx.set_out(node, lays[2])
+    for lay in lays:
+        ctx.block(lay, reason or f"{ctx.describe(node)} ties heads of different sizes")
+    ctx.block(ctx.layout(mask) if isinstance(mask, ValueRef) and ctx.is_data(mask) else None,
+              f"used as an attention mask by {ctx.describe(node)}")
+    ctx.set_out(node, None)
+
+
 FUNCTION_RULES: Mapping[str, FunctionRule] = MappingProxyType({
     "elementwise": f_elementwise, "identity": f_identity, "same": f_identity, "reshape": f_reshape,
     "permute": f_permute, "expand": f_expand, "concat": f_concat, "stack": f_stack, "split": f_split,
@@ -684,7 +862,7 @@ FUNCTION_RULES: Mapping[str, FunctionRule] = MappingProxyType({
     "getitem": f_getitem, "narrow": f_narrow, "no_data": f_no_data, "host_read": f_host_read,
     "conv": f_conv, "linear": f_linear, "batch_norm": f_batch_norm, "group_norm": f_group_norm,
     "layer_norm": f_layer_norm, "prelu": f_prelu, "pixel_shuffle": f_pixel_shuffle,
-    "unknown": f_unknown,
+    "matmul": f_matmul, "attention": f_attention, "unknown": f_unknown,
 })
 
 

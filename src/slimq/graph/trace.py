@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .._calls import ModelInputs, call
 from ..errors import GraphError, ModelError
 from .dataflow import Dataflow, External, Node, Opaque, Value, ValueRef
 from .ops import module_op
@@ -209,11 +210,12 @@ def _flatten_tensors(obj: Any) -> List[torch.Tensor]:
 
 
 def trace(model: nn.Module, inputs: Tuple[Any, ...], time_limit: Optional[float] = None) -> Dataflow:
-    """Run ``model(*inputs)`` once in eval mode without gradients and record its dataflow.
+    """Run the model once on ``inputs`` in eval mode without gradients and record its dataflow.
 
     Args:
         model: any ``nn.Module``; it is not modified (training flags are restored).
-        inputs: positional arguments of the forward pass.
+        inputs: positional arguments of the forward pass, possibly ending with a dict of keyword
+            arguments (``input_data``'s convention, see ``slimq._calls``).
         time_limit: seconds before giving up with :class:`GraphError` (default 300, or the
             environment variable ``SLIMQ_GRAPH_TIME_LIMIT``).
 
@@ -238,7 +240,7 @@ def trace(model: nn.Module, inputs: Tuple[Any, ...], time_limit: Optional[float]
             raise ModelError("input_data holds no tensor; pass a tuple of example input tensors")
         with torch.inference_mode(), recorder:
             try:
-                output = model(*inputs)
+                output = call(model, inputs if isinstance(inputs, ModelInputs) else ModelInputs(tuple(inputs)))
             except (GraphError, ModelError):
                 raise
             except Exception as exc:  # the user's forward failed: say so, keep the cause

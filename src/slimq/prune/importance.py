@@ -27,25 +27,34 @@ def group_scores(per_producer: Sequence[Tensor]) -> Tensor:
     return torch.stack([s.double() for s in per_producer]).mean(dim=0)
 
 
-def kept_count(channels: int, ratio: float, ascend_optimized: bool, parts: int = 1) -> int:
-    """``C - round(C * ratio)``, rounded up to a multiple of 16 (ascend_optimized) and of the
-    number of equal parts (grouped convs, chunks), at least one per part, at most ``C``."""
-    keep = max(1, channels - math.floor(channels * ratio + 0.5))
-    multiple = parts * 16 // math.gcd(parts, 16) if ascend_optimized else parts
+def kept_count(channels: int, ratio: float, ascend_optimized: bool, parts: int = 1, block: int = 1) -> int:
+    """Channels kept: counted in blocks of ``block`` channels (whole attention heads; 1 for
+    plain channels), ``n - round(n * ratio)`` of the ``n = C / block`` blocks, rounded up so the
+    channels are a multiple of 16 (ascend_optimized) and the blocks a multiple of the number of
+    equal parts (grouped convs, chunks); at least one block per part, at most ``C``."""
+    n = channels // block
+    keep = max(1, n - math.floor(n * ratio + 0.5))
+    multiple = parts
+    if ascend_optimized:
+        per16 = 16 // math.gcd(16, block)  # blocks per multiple of 16 channels
+        multiple = parts * per16 // math.gcd(parts, per16)
     keep = math.ceil(keep / multiple) * multiple
-    return min(channels, max(keep, parts))
+    return min(n, max(keep, parts)) * block
 
 
-def select_removed(scores: Tensor, ratio: float, ascend_optimized: bool, parts: int = 1) -> List[int]:
-    """Indices to remove: in each of ``parts`` equal parts, the lowest-scoring channels (ties go
-    to the higher index), so that every part keeps the same number of channels."""
+def select_removed(scores: Tensor, ratio: float, ascend_optimized: bool, parts: int = 1,
+                   block: int = 1) -> List[int]:
+    """Indices to remove: in each of ``parts`` equal parts, the lowest-scoring blocks (a block's
+    score is the mean of its ``block`` channels'; ties go to the higher index), so that every
+    part keeps the same number of blocks. ``block=1`` ranks single channels."""
     channels = scores.numel()
-    keep = kept_count(channels, ratio, ascend_optimized, parts)
-    per_part, keep_per_part = channels // parts, keep // parts
+    keep = kept_count(channels, ratio, ascend_optimized, parts, block) // block
+    per_part, keep_per_part = channels // block // parts, keep // parts
+    unit_scores = scores.double().reshape(-1, block).mean(dim=1)
     removed: List[int] = []
     for p in range(parts):
         base = p * per_part
-        local = scores[base:base + per_part].tolist()
+        local = unit_scores[base:base + per_part].tolist()
         order = sorted(range(per_part), key=lambda i: (-local[i], i))
-        removed.extend(base + i for i in order[keep_per_part:])
+        removed.extend(c for i in order[keep_per_part:] for c in range((base + i) * block, (base + i + 1) * block))
     return sorted(removed)

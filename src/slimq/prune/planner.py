@@ -18,7 +18,7 @@ from ..graph.channels import ChannelGroup, Member
 from ..record.store import ChannelPruneInfo, PruneNodeInfo
 from .amct_records import keep_trainable, normalize_records
 from .importance import balanced_l2_scores, group_scores, kept_count, select_removed
-from .surgery import apply_keep, can_slice, channel_width, consumer_role, is_channelwise
+from .surgery import apply_keep, can_slice, channel_width, consumer_role, is_channelwise, sync_heads
 
 __all__ = ["GroupDecision", "PruneDecision", "decide", "to_records", "apply_records", "annotate_plan"]
 
@@ -82,13 +82,13 @@ def decide(groups: Sequence[ChannelGroup], plan: CompressionPlan, modules: Dict[
             continue
         ratio = min(s.ratio for s in specs)
         ascend = any(s.ascend_optimized for s in specs)
-        removed = select_removed(_group_scores(g, modules), ratio, ascend, g.parts)
+        removed = select_removed(_group_scores(g, modules), ratio, ascend, g.parts, g.block)
         if not removed:
-            keep = kept_count(g.size, ratio, ascend, g.parts)
+            keep = kept_count(g.size, ratio, ascend, g.parts, g.block)
             for p in g.producers:
                 out.blocked[p] = (f"nothing to remove: {g.size} channels keep {keep} after rounding "
                                   f"(ratio {ratio:g}{', ascend_optimized' if ascend else ''}, "
-                                  f"{g.parts} part(s))")
+                                  f"{g.parts} part(s){f', heads of {g.block}' if g.block > 1 else ''})")
             continue
         out.pruned.append(GroupDecision(g, ratio, tuple(removed)))
     return out
@@ -184,6 +184,7 @@ def apply_records(model: nn.Module, records: Sequence[ChannelPruneInfo], source:
             if not keep:
                 raise RecordError(f"{source}: prune records remove every channel of '{name}'")
             apply_keep(m, role, keep, source)
+        sync_heads(model, source)
     return records
 
 
@@ -201,6 +202,8 @@ def _producer_notes(decision: PruneDecision) -> Dict[str, str]:
                 t[2] += 1
     return {p: f"channels {c} -> {k}" + (f" (in {n} pieces)" if n > 1 else
                                          f" (group of {len(_group_of(decision, p).group.producers)} producer(s))")
+            + (f", whole attention heads of {_group_of(decision, p).group.block}"
+               if _group_of(decision, p).group.block > 1 else "")
             for p, (c, k, n) in total.items()}
 
 

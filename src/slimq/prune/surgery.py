@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import RecordError
-from ..graph.members import channel_tensors, channel_width, consumer_role, is_channelwise, is_depthwise
+from ..graph.members import channel_tensors, channel_width, consumer_role, head_spec, is_channelwise, is_depthwise
 
 __all__ = ["ATTRIBUTES", "apply_keep", "can_slice", "consumer_role", "channel_width", "is_channelwise",
-           "is_depthwise"]
+           "is_depthwise", "sync_heads"]
 
 
 def _index(keep: Sequence[int], device: torch.device) -> Tensor:
@@ -119,3 +119,26 @@ def apply_keep(m: nn.Module, role: str, keep: Sequence[int], source: str = "reco
         if isinstance(m, family):
             update(m, role, len(keep))
             break
+
+
+def sync_heads(model: nn.Module, source: str = "record") -> None:
+    """Set every known attention module's head count (and ``heads * head_dim`` widths) from its
+    projections' widths after whole heads were removed, so its own forward keeps working.
+    Derived from the widths alone, so restore redoes it with the cut.
+
+    Raises:
+        RecordError: the projections were cut in a way that is not whole heads.
+    """
+    for name, m in model.named_modules():
+        spec = head_spec(m)
+        if spec is None:
+            continue
+        heads = spec.heads(m)
+        if heads is None or heads < 1:
+            widths = [getattr(m, r).out_features for r in spec.rows]
+            raise RecordError(f"{source}: attention '{name}' ({type(m).__name__}) has projection widths {widths}, "
+                              f"which are not whole heads of {getattr(m, spec.head_dim)} channels; the prune "
+                              "records must remove q, k and v rows of the same whole heads")
+        setattr(m, spec.count, heads)
+        for attr in spec.widths:
+            setattr(m, attr, heads * getattr(m, spec.head_dim))

@@ -5,7 +5,6 @@ from types import MappingProxyType
 from typing import Callable, NamedTuple, Optional
 
 import onnx
-
 from torch import nn
 
 from . import deploy, fake_quant, qoperator
