@@ -19,6 +19,10 @@ Layers this target does not write as integer operators (ConvTranspose, which ONN
 op for; Conv/Linear subclasses with a forward of their own; ``padding_mode`` other than zeros or
 string padding; INT4/INT16 grids) are written as in the deploy model.
 
+Only the TorchScript exporter writes this target (its placeholder op is an
+``autograd.Function.symbolic``); the torch.export path has no translation for it yet, so a model
+that only the dynamo exporter gets out cannot have a qoperator file.
+
 Why QOperator and not TensorRT explicit quantization: TensorRT supports only symmetric INT8
 activations (zero point 0), while slimq's activation grids (ULQ, AMCT's ``offset_d``) are
 asymmetric; a TensorRT file would have to re-quantize every activation, and it would no longer
