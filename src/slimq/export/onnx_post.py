@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -210,8 +210,10 @@ def quantize_before_reshapes(model: onnx.ModelProto) -> int:
 
 
 def finish(path: Path, opset: Optional[int] = None, int4: Sequence[str] = (),
-           external: bool = False, prefix: str = "", quantized_graph: bool = False) -> None:
-    """Post-process the exported file at ``path`` in place, then check it.
+           external: bool = False, prefix: str = "", quantized_graph: bool = False,
+           graph_pass: Optional[Callable[[onnx.ModelProto], object]] = None) -> None:
+    """Post-process the exported file at ``path`` in place (``graph_pass``: the target's own
+    rewrite, last), then check it.
 
     Raises:
         ExportError: the opset conversion or the ONNX checker failed.
@@ -231,6 +233,8 @@ def finish(path: Path, opset: Optional[int] = None, int4: Sequence[str] = (),
     global_pools(model)
     if quantized_graph:
         quantize_before_reshapes(model)
+    if graph_pass is not None:
+        graph_pass(model)
     if int4:
         _pack_int4(model, list(int4))
     data = path.with_name(path.name + ".data")

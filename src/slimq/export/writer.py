@@ -386,7 +386,8 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
                     ex.export(wrapper, tensors, staged[target], in_names, output_names, dynamic_axes, ex.opset)
                     int4 = int4_initializers(work)
                 onnx_post.finish(staged[target], opset=OPSET_WIDE if wide else None, int4=int4,
-                                 external=external, prefix="model.", quantized_graph=target != "fake_quant")
+                                 external=external, prefix="model.", quantized_graph=target != "fake_quant",
+                                 graph_pass=TARGETS[target].graph_pass)
 
             used[target] = _export_one(order, target, write, notes)
             order = order[order.index(used[target]):]  # a fallback holds for the remaining files
