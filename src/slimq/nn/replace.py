@@ -244,17 +244,18 @@ def calibrate(model: nn.Module, inputs: ModelInputs, layers: Mapping[str, Compre
         if any(q is layer.act_quant for layer in layers.values() if not layer.act_shared):
             continue
         handles.append(q.register_forward_pre_hook(lambda mod, args: mod.calibrate_(args[0])))
-    warned = [q._warned for q in pending]
-    for q in pending:
-        q._warned = True  # the "not initialised" warning is for the user's evaluations
+    once = [False]  # one "not initialised" warning per model, for the user's evaluations
+    for q in model.modules():
+        if isinstance(q, ActQuantizer):
+            q._warn_once = once
+    once[0] = True  # not for this forward
     try:
         with eval_mode(model):
             out = call(model, inputs)
     finally:
         for h in handles:
             h.remove()
-        for q, flag in zip(pending, warned):
-            q._warned = flag
+        once[0] = False
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for q in pending:
             dist.broadcast(q.clip_max.data, 0)

@@ -97,7 +97,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("init_batches", torch.zeros(1, dtype=torch.int64))
         self._samples: List[Tensor] = []
         self._ready: Optional[bool] = given  # Python mirror of `initialized` (None: read it once)
-        self._warned = False
+        self._warn_once = [False]  # shared by every quantizer of a model (nn.replace): one warning
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -144,10 +144,11 @@ class ActQuantizer(nn.Module):
         return self.grid().fake_quant(x).to(x.dtype)
 
     def warn_if_provisional(self) -> None:
-        if not self._warned and not self.is_initialized:
-            self._warned = True
-            log.warning("slimq: quantizer '%s' has not been initialised by training yet; eval uses "
-                        "the range computed at create from input_data", self.layer_name)
+        if not self._warn_once[0] and not self.is_initialized:
+            self._warn_once[0] = True
+            log.warning("slimq: quantizer '%s' (and any other of this model not trained yet) has not been "
+                        "initialised by training yet; eval uses the ranges computed at create from input_data",
+                        self.layer_name)
 
     # -- initialisation ------------------------------------------------------------------
     @torch.no_grad()
