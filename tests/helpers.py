@@ -1,6 +1,7 @@
 """Helpers shared by end-to-end tests: small models, training loops, ONNX Runtime runs."""
 from __future__ import annotations
 
+import collections
 import io
 import warnings
 from typing import Callable, List, Sequence, Tuple
@@ -118,3 +119,12 @@ def int8_coverage(path: str) -> Tuple[int, int]:
             bearing += 1
             quantized += any(q for _, q in found)
     return quantized, bearing
+
+
+def ort_optimized_ops(path: str, folder) -> collections.Counter:
+    """Op counts of ``path`` after ONNX Runtime's graph optimiser (what it really runs)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(folder / "optimized.onnx")
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)

@@ -19,7 +19,7 @@ import torch
 import slimq
 from amct_models import Net001
 from conftest import files_in
-from slimq.config import ChannelPruneSpec, load_config, parse_config_text
+from slimq.config import load_config, parse_config_text
 from slimq.config.resolve import resolve
 from slimq.errors import ConfigError
 from slimq.graph.trace import trace

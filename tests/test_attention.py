@@ -2,14 +2,13 @@
 Transformer layers get their attention and FFN projections quantized."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import slimq
 from conftest import QUANT_CFG
-from helpers import ort_run, rel_l2
+from helpers import rel_l2
 from slimq.nn import CompressedLayer
 from slimq.nn.attention import SplitMultiheadAttention
 

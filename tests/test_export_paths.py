@@ -18,7 +18,7 @@ from torch import nn
 
 import slimq
 from conftest import QUANT_CFG, files_in
-from helpers import MixedNet, make_batches, rel_l2, train
+from helpers import ort_optimized_ops, MixedNet, make_batches, rel_l2, train
 from slimq.errors import ExportError
 from slimq.export import writer
 
@@ -264,14 +264,6 @@ def test_unknown_exporter_is_refused(tmp_path, write_cfg):
 FLOAT_BETWEEN = ("Add", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Concat")
 
 
-def _optimized_ops(path: str, folder) -> collections.Counter:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.optimized_model_filepath = str(folder / "optimized.onnx")
-    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
-
-
 ZOO = [
     pytest.param("resnet18", 32, "dynamo", id="resnet18-dynamo"),
     pytest.param("mobilenet_v2", 32, "dynamo", id="mobilenet_v2-dynamo", marks=pytest.mark.slow),
@@ -293,7 +285,7 @@ def test_torchvision_on_the_dynamo_path(tmp_path, write_cfg, name, size, exporte
         _check_files(report, "dynamo", {"x": x}, _torch(cm, (x,), {}), exact=False)  # float pooling between
         return
     _check_files(report, "dynamo", {"x": x}, _torch(cm, (x,), {}))
-    ops = _optimized_ops(report.deploy_path, tmp_path)
+    ops = ort_optimized_ops(report.deploy_path, tmp_path)
     assert not {op: n for op, n in ops.items() if op in FLOAT_BETWEEN}, dict(ops)
     convs = sum(isinstance(m, nn.Conv2d) for m in getattr(torchvision.models, name)().modules())
     assert ops["QLinearConv"] == convs and ops["QGemm"] + ops["QLinearMatMul"] == 1

@@ -2,11 +2,8 @@
 pooling sits between quantized convolutions, and deploy still agrees with fake_quant."""
 from __future__ import annotations
 
-import collections
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torchvision
@@ -15,7 +12,7 @@ from torch import nn
 import slimq
 from slimq.nn.replace import ENTRY_ATTR, POINT_ATTR
 from conftest import QUANT_CFG
-from helpers import ort_run, rel_l2
+from helpers import ort_optimized_ops, ort_run, rel_l2
 
 FLOAT_BETWEEN = ("Add", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat")
 
@@ -58,14 +55,6 @@ MODELS = {
 }
 
 
-def _optimized_ops(path: str, folder) -> collections.Counter:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.optimized_model_filepath = str(folder / "optimized.onnx")
-    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_deploy_graph_is_int8_end_to_end(tmp_path, write_cfg, name):
     torch.manual_seed(0)
@@ -85,7 +74,7 @@ def test_deploy_graph_is_int8_end_to_end(tmp_path, write_cfg, name):
         loss.backward()
         opt.step()
     report = slimq.save_compressed_retrain_model(cm, record, str(tmp_path / "m"), x[:1])
-    ops = _optimized_ops(report.deploy_path, tmp_path)
+    ops = ort_optimized_ops(report.deploy_path, tmp_path)
     assert not {op: n for op, n in ops.items() if op in FLOAT_BETWEEN}, dict(ops)
     convs = sum(isinstance(m, nn.Conv2d) for m in MODELS[name]().modules())
     assert ops["QLinearConv"] == convs and ops["QGemm"] + ops["QLinearMatMul"] == 1

@@ -22,7 +22,16 @@ from onnx import numpy_helper
 from ..errors import ExportError
 from .qdq import WIDE_DOMAIN
 
-__all__ = ["finish", "count_integer_weights"]
+__all__ = ["finish", "count_integer_weights", "set_nodes"]
+
+
+def set_nodes(graph: onnx.GraphProto, nodes: Sequence[onnx.NodeProto]) -> None:
+    """Make ``nodes`` (some of them the graph's own) the graph's node list, in that order."""
+    copies = [onnx.NodeProto() for _ in nodes]
+    for c, n in zip(copies, nodes):
+        c.CopyFrom(n)  # copy first: clearing the graph frees the nodes it holds
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _version() -> str:
@@ -201,11 +210,7 @@ def quantize_before_reshapes(model: onnx.ModelProto) -> int:
             if id(n) in before:
                 nodes.append(before[id(n)])
             nodes.append(n)
-        copies = [onnx.NodeProto() for _ in nodes]
-        for c, n in zip(copies, nodes):
-            c.CopyFrom(n)
-        del model.graph.node[:]
-        model.graph.node.extend(copies)
+        set_nodes(model.graph, nodes)
     return len(moves)
 
 

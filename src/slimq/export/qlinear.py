@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import Tensor
 
+from .onnx_post import set_nodes
+
 __all__ = ["integer_layer", "expand", "drop_unused", "QOP_DOMAIN"]
 
 QOP_DOMAIN = "slimq.qop"  # the placeholder's domain; no file keeps it
@@ -246,13 +248,7 @@ def expand(model: onnx.ModelProto) -> int:
             nodes += _expand_one(n, grids.get(id(n)), id(n) in fed, inits, f"qop{i}")
         else:
             nodes.append(n)
-    copies = []
-    for n in nodes:
-        c = onnx.NodeProto()
-        c.CopyFrom(n)
-        copies.append(c)
-    del graph.node[:]
-    graph.node.extend(copies)
+    set_nodes(graph, nodes)
     drop_unused(model)
     keep = [o for o in model.opset_import if o.domain != QOP_DOMAIN]
     if any(n.domain == "com.microsoft" for n in graph.node) and not any(o.domain == "com.microsoft" for o in keep):
@@ -272,13 +268,7 @@ def drop_unused(model: onnx.ModelProto) -> None:
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     nodes = [n for n in graph.node if n.op_type != "Constant" or n.output[0] in used]
     if len(nodes) != len(graph.node):
-        copies = []
-        for n in nodes:
-            c = onnx.NodeProto()
-            c.CopyFrom(n)
-            copies.append(c)
-        del graph.node[:]
-        graph.node.extend(copies)
+        set_nodes(graph, nodes)
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ...nn.folding import IntegerLayer
 from .. import qlinear
-from ..onnx_post import quantize_before_reshapes
+from ..onnx_post import quantize_before_reshapes, set_nodes
 from .common import build_stand_in, stand_in_classes
 from .deploy import DeployLayer, act_stand_in
 
@@ -151,11 +151,5 @@ def drop_requantize(model: onnx.ModelProto) -> int:
             n.input[i] = rename.get(name, name)
     read = {i for n in keep for i in n.input} | outputs
     keep = [n for n in keep if not (n.op_type == "DequantizeLinear" and n.output[0] not in read)]
-    copies = []
-    for n in keep:
-        c = onnx.NodeProto()
-        c.CopyFrom(n)
-        copies.append(c)
-    del graph.node[:]
-    graph.node.extend(copies)
+    set_nodes(graph, keep)
     return len(dropped)
