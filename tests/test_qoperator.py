@@ -14,7 +14,9 @@ from torch import nn
 
 import slimq
 from conftest import QUANT_CFG
+from conftest import files_in
 from helpers import MixedNet, ort_run, rel_l2
+from slimq.errors import ExportError
 from slimq.export.targets.qoperator import drop_requantize
 
 FLOAT_COMPUTE = ("Conv", "Gemm", "MatMul", "ConvTranspose")
@@ -127,3 +129,17 @@ def test_requantize_on_one_grid_is_dropped_and_exact(tmp_path, b, dropped):
     onnx.save(model, after)
     onnx.checker.check_model(str(after), full_check=True)
     assert np.array_equal(ort_run(str(after), x), ort_run(str(before), x))
+
+
+def test_dynamo_path_refuses_the_qoperator_target(tmp_path, write_cfg):
+    """torch.export would trace the placeholder's float forward: a "qoperator" file of float ops."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    record = str(tmp_path / "r.txt")
+    cm = slimq.create_compressed_retrain_model(model, x, write_cfg(QUANT_CFG), record)
+    before = files_in(tmp_path)
+    with pytest.raises(ExportError, match="qoperator target can only be written by the torchscript exporter"):
+        slimq.save_compressed_retrain_model(cm, record, str(tmp_path / "m"), x, targets=["qoperator"],
+                                            exporter="dynamo")
+    assert files_in(tmp_path) == before

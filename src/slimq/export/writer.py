@@ -389,8 +389,15 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
                                  external=external, prefix="model.", quantized_graph=target != "fake_quant",
                                  graph_pass=TARGETS[target].graph_pass)
 
-            used[target] = _export_one(order, target, write, notes)
-            order = order[order.index(used[target]):]  # a fallback holds for the remaining files
+            able = TARGETS[target].exporters
+            allowed = [k for k in order if able is None or k in able]
+            if not allowed:
+                raise ExportError(f"the {target} target can only be written by the {' or '.join(able)} exporter, "
+                                  f"and this save exports with {' or '.join(order)} (forced, or the TorchScript "
+                                  f"exporter failed on an earlier file); drop '{target}' from targets")
+            used[target] = _export_one(allowed, target, write, notes)
+            if used[target] in order:
+                order = order[order.index(used[target]):]  # a fallback holds for the remaining files
         try:
             results = {t: _ort_run(p, in_names, tensors) for t, p in staged.items()}
         except Exception as exc:
