@@ -24,6 +24,8 @@ per enabled layer, so it goes through the same resolution and pipeline as a simp
 """
 from __future__ import annotations
 
+import bisect
+
 import json
 import math
 import os
@@ -132,14 +134,8 @@ def key_lines(text: str) -> Dict[Path_, int]:
 
 
 def _line_of(starts: List[int], offset: int) -> int:
-    lo, hi = 0, len(starts)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if starts[mid] <= offset:
-            lo = mid
-        else:
-            hi = mid
-    return lo + 1
+    """1-based line of ``offset``, given the offsets at which lines start."""
+    return bisect.bisect_right(starts, offset)
 
 
 # --------------------------------------------------------------------------- reading

@@ -4,6 +4,8 @@ Errors name the file, the line and the field, and say what to write instead.
 """
 from __future__ import annotations
 
+import bisect
+
 import logging
 import math
 import os
@@ -117,7 +119,7 @@ def field_lines(text: str, descriptor, repeats: Optional[List[Tuple[Path_, int, 
             break
         pos = m.end()
         if not m.group(1).startswith("#"):
-            tokens.append((m.group(1), _bisect(line_starts, m.start(1)) + 1))
+            tokens.append((m.group(1), bisect.bisect_right(line_starts, m.start(1))))
     lines: Dict[Path_, int] = {}
     # one frame per open message: (path, descriptor, repeated-field counters)
     stack: List[Tuple[Path_, object, Dict[str, int]]] = [((), descriptor, {})]
@@ -164,17 +166,6 @@ def field_lines(text: str, descriptor, repeats: Optional[List[Tuple[Path_, int, 
 def _is_repeated(fd) -> bool:
     flag = getattr(fd, "is_repeated", None)  # protobuf >= 6; older releases only have .label
     return bool(flag) if flag is not None else fd.label == fd.LABEL_REPEATED
-
-
-def _bisect(starts: List[int], offset: int) -> int:
-    lo, hi = 0, len(starts)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if starts[mid] <= offset:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 def _indexed(path: Path_, counts: Dict[str, int], name: str) -> Path_:
