@@ -145,3 +145,15 @@ def test_batchnorm_act_folds_into_its_conv(tmp_path, write_cfg):
     fq = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert rel_l2(fq, got.numpy()) <= 1e-5
     assert not any(n.startswith("bn") for n in saved.float_layers)
+
+
+def test_2to4_on_a_subclass_keeps_its_quantization(write_cfg):
+    """A 2:4 mask needs a plain layer; a subclass with its own forward is still quantized, with a note."""
+    from test_sparsity import SPARSE
+
+    model = SubclassNet().eval()
+    cfg = write_cfg(QUANT_CFG + SPARSE % 0)
+    report = slimq.plan(model, torch.randn(2, 3, 16, 16), cfg)
+    for name in LAYERS:
+        assert report[name].action == "quant", (name, report[name].action)
+        assert any("no 2:4 mask" in n for n in report[name].notes)

@@ -188,8 +188,11 @@ class _Resolver:
                 "input_data does not take, or its weights are used functionally by its parent)",))
         if has_own_forward(module):
             why = layer_function_call(self.df, name)
-            if isinstance(prune, Sparse24Spec):
-                why = why or "2:4 masks apply to plain layers only"
+            if isinstance(prune, Sparse24Spec):  # the mask needs the layer's own weight in its own forward
+                notes.append(f"{type(module).__name__} has a forward of its own: no 2:4 mask (plain layers only)")
+                prune = None
+                if act is None and why is None:
+                    return LayerPlan(name, type(module).__name__, notes=tuple(notes))
             if why is not None:
                 note = f"{type(module).__name__} has a forward of its own and is not compressed: {why}"
                 if not isinstance(prune, ChannelPruneSpec):
