@@ -7,14 +7,16 @@ ONNX Runtime's own quantizer, side by side in one run.
 Per model (torchvision, random init), five files, all timed alternately at batch 1 in one process
 with the same session settings (median of --runs):
 
-* FP32: ``torch.onnx.export`` of the float model;
+* FP32: ``torch.onnx.export`` of the float model, and of the 30% channel-pruned float model (what
+  pruning alone buys; the pruned INT8 files cannot beat it by more than INT8 does);
 * ORT quantize_static: ``quant_pre_process`` then ``quantize_static`` of the FP32 file (QDQ,
   uint8 activations, per-channel int8 weights, calibrated on the same random inputs);
-* slimq INT8: the deploy model of INT8 QAT alone, with the default uint8 weights (zero point 128)
-  and with ``signed_weights=True`` (int8 weights, what ORT's VNNI kernels take directly);
+* slimq INT8: the deploy model of INT8 QAT alone, with the default weight storage (int8 where
+  this CPU has VNNI/AMX, see ``slimq.export.cpu``) and with ``signed_weights=False`` (uint8
+  weights, zero point 128: exact on every CPU);
 * slimq 30% + INT8: the same for 30% channel pruning (``ascend_optimized``) + INT8 QAT;
 * slimq qoperator: the qoperator target of the INT8-alone model (integer operators written
-  directly, see ``slimq.export.targets.qoperator``), default weights.
+  directly, see ``slimq.export.targets.qoperator``), default storage.
 
 The compressed models are created and briefly retrained on random data (accuracy is not the point
 here: benchmarks/bench_accuracy.py measures it). The CPU model, its ISA flags and the load
@@ -41,6 +43,7 @@ from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantT
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 import slimq
+from slimq.export.cpu import int8_weights_default
 
 QUANT = """batch_num: 2
 retrain_data_quant_config { ulq_quantize { dst_type: INT8 } }
@@ -49,10 +52,11 @@ retrain_weight_quant_config { arq_retrain { channel_wise: true dst_type: INT8 } 
 PRUNE = QUANT + "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.3 ascend_optimized: true } } }\n"
 MODELS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50,
           "mobilenet_v2": torchvision.models.mobilenet_v2}
-FP32, ORTQ = "FP32 (torch.onnx export)", "ORT quantize_static (QDQ)"
-INT8, INT8_S8 = "slimq INT8 (u8 weights, default)", "slimq INT8 (signed_weights)"
-PRUNED, PRUNED_S8 = "slimq 30% + INT8 (u8 weights)", "slimq 30% + INT8 (signed_weights)"
-QOP = "slimq INT8, qoperator target (u8)"
+HERE = "s8" if int8_weights_default()[0] else "u8"
+FP32, FP32_PRUNED, ORTQ = "FP32 (torch.onnx export)", "FP32, 30% pruned", "ORT quantize_static (QDQ)"
+INT8, INT8_U8 = f"slimq INT8 (default: {HERE} weights)", "slimq INT8 (signed_weights=False: u8)"
+PRUNED, PRUNED_U8 = f"slimq 30% + INT8 (default: {HERE})", "slimq 30% + INT8 (u8)"
+QOP = f"slimq INT8, qoperator target ({HERE})"
 
 
 def cpu_info() -> str:
@@ -90,7 +94,7 @@ def ort_quantize(fp32: Path, out: Path, calib: List[np.ndarray]) -> None:
 
 def slimq_files(model: torch.nn.Module, cfg_text: str, x: torch.Tensor, folder: Path, tag: str,
                 targets=()) -> Dict[str, str]:
-    """{target: path} of the default save (uint8 weights) and ``signed``: the deploy model with int8 weights."""
+    """{target: path} of the default save and ``u8``: the deploy model with uint8 weights."""
     cfg, record = folder / f"{tag}.cfg", folder / f"{tag}_record.txt"
     cfg.write_text(cfg_text)
     compressed = slimq.create_compressed_retrain_model(model, (x,), str(cfg), str(record))
@@ -104,9 +108,24 @@ def slimq_files(model: torch.nn.Module, cfg_text: str, x: torch.Tensor, folder: 
     compressed.eval()
     report = slimq.save_compressed_retrain_model(compressed, str(record), str(folder / tag), (x,),
                                                  targets=list(targets))
-    signed = slimq.save_compressed_retrain_model(compressed, str(record), str(folder / f"{tag}_s8"), (x,),
-                                                 signed_weights=True)
-    return {**{t: r.path for t, r in report.targets.items()}, "signed": signed.deploy_path}
+    unsigned = slimq.save_compressed_retrain_model(compressed, str(record), str(folder / f"{tag}_u8"), (x,),
+                                                   signed_weights=False)
+    return {**{t: r.path for t, r in report.targets.items()}, "u8": unsigned.deploy_path}
+
+
+def export_fp32(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, opset_version=17, dynamo=False)
+    path.write_bytes(buf.getvalue())
+
+
+def pruned_fp32(model: torch.nn.Module, x: torch.Tensor, folder: Path) -> Path:
+    """The FP32 export of the model channel-pruned like the 30% + INT8 files (no quantization)."""
+    cfg = folder / "prune.cfg"
+    cfg.write_text(PRUNE.replace(QUANT, ""))
+    pruned = slimq.create_prune_retrain_model(model, (x,), str(cfg), str(folder / "prune_record.txt")).eval()
+    export_fp32(pruned, x, folder / "fp32_pruned.onnx")
+    return folder / "fp32_pruned.onnx"
 
 
 def build(name: str, size: int, folder: Path) -> Dict[str, str]:
@@ -114,14 +133,13 @@ def build(name: str, size: int, folder: Path) -> Dict[str, str]:
     model = MODELS[name]().eval()
     x = torch.randn(1, 3, size, size)
     fp32 = folder / "fp32.onnx"
-    buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, opset_version=17, dynamo=False)
-    fp32.write_bytes(buf.getvalue())
+    export_fp32(model, x, fp32)
     ort_quantize(fp32, folder / "ortq.onnx", [torch.randn(1, 3, size, size).numpy() for _ in range(8)])
     int8 = slimq_files(model, QUANT, x, folder, "int8", targets=["qoperator"])
     pruned = slimq_files(model, PRUNE, x, folder, "pruned")
-    return {FP32: str(fp32), ORTQ: str(folder / "ortq.onnx"), INT8: int8["deploy"], INT8_S8: int8["signed"],
-            PRUNED: pruned["deploy"], PRUNED_S8: pruned["signed"], QOP: int8["qoperator"]}
+    return {FP32: str(fp32), FP32_PRUNED: str(pruned_fp32(model, x, folder)), ORTQ: str(folder / "ortq.onnx"),
+            INT8: int8["deploy"], INT8_U8: int8["u8"], PRUNED: pruned["deploy"], PRUNED_U8: pruned["u8"],
+            QOP: int8["qoperator"]}
 
 
 def file_bytes(path: str) -> int:
@@ -155,6 +173,7 @@ def main() -> None:
     print(f"CPU: {cpu_info()}")
     print(f"ONNX Runtime {ort.__version__}, torch {torch.__version__}, batch 1, 1x3x{args.size}x{args.size}, "
           f"{args.threads} threads, median of {args.runs} alternating runs")
+    print(f"default INT8 weight storage here: {int8_weights_default()[1]}")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print()
     print("| model | variant | ms | x FP32 | x ORT quantize_static | MB | x FP32 size |", flush=True)

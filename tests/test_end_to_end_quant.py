@@ -82,7 +82,7 @@ def test_quantize_train_record_export(tmp_path, write_cfg, case):
 
     types = initializer_types(dep_path)
     for name in layers:
-        assert types.get(f"{name}.w_q") == onnx.TensorProto.UINT8, name
+        assert types.get(f"{name}.w_q") == getattr(onnx.TensorProto, report.int8_weights.upper()), name
         assert f"{name}.weight" not in types  # no float copy of quantized weights
     assert report.int8_initializers >= len(layers)
     fp32_bytes = fp32_onnx_bytes(original, x[:1])

@@ -222,7 +222,7 @@ def save_compressed_retrain_model(model: nn.Module, record_file: str, save_path:
                                   output_names: Optional[List[str]] = None,
                                   dynamic_axes: Optional[Dict[str, Any]] = None, *,
                                   strict: bool = False, targets: Optional[Sequence[str]] = None,
-                                  exporter: str = "auto", signed_weights: bool = False) -> Optional[ExportReport]:
+                                  exporter: str = "auto", signed_weights: Optional[bool] = None) -> Optional[ExportReport]:
     """Write ``<save_path>_fake_quant_model.onnx`` and ``<save_path>_deploy_model.onnx`` and
     refresh the record, as one transaction.
 
@@ -237,8 +237,10 @@ def save_compressed_retrain_model(model: nn.Module, record_file: str, save_path:
             beyond tolerance (otherwise the report notes it and a warning is logged).
         targets: extra export targets besides fake_quant and deploy (e.g. ``["qoperator"]``).
         exporter: ``"torchscript"``, ``"dynamo"`` or ``"auto"``.
-        signed_weights: store INT8 weights of the deploy model as int8 instead of uint8 (see
-            :mod:`slimq.export.targets.deploy` for why uint8 is the default).
+        signed_weights: INT8 weights of the deploy (and qoperator) model as int8 (True) or as
+            uint8 with zero point 128 (False). None (default): int8 where this CPU has VNNI/AMX,
+            uint8 elsewhere (exact on every CPU); see :mod:`slimq.export.cpu`. The report's
+            ``int8_weights`` and ``int8_weights_reason`` say what was chosen.
 
     Returns:
         An :class:`ExportReport` (paths, sizes, measured parity per output and target, notes).

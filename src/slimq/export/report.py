@@ -79,6 +79,8 @@ class ExportReport:
     float_layers: List[str] = field(default_factory=list)
     exporter: str = "torchscript"
     opset: int = 17
+    int8_weights: str = "uint8"      # storage of INT8 weights in deploy/qoperator: "int8" or "uint8"
+    int8_weights_reason: str = ""    # why (signed_weights passed, or what the saving CPU has)
 
     @property
     def paths(self) -> Dict[str, str]:

@@ -38,6 +38,7 @@ from ..quant.quantizers import ActQuantizer
 from ..record.collector import RecordCollector, check_finite
 from ..record.store import Record
 from . import onnx_post
+from .cpu import int8_weights_default
 from .report import (EXACT_TOLERANCE, TARGET_TOLERANCE, ExportReport, TargetResult, argmax_agreement,
                      compare_outputs)
 from .targets import TARGETS, plain_float_layer
@@ -342,7 +343,7 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
                   input_names: Optional[List[str]] = None, output_names: Optional[List[str]] = None,
                   dynamic_axes: Optional[Dict[str, Any]] = None, strict: bool = False,
                   targets: Optional[Sequence[str]] = None, exporter: str = "auto",
-                  signed_weights: bool = False, record_path: Optional[str] = None,
+                  signed_weights: Optional[bool] = None, record_path: Optional[str] = None,
                   external_bytes: int = EXTERNAL_DATA_BYTES) -> ExportReport:
     """Write ``<save_path>_<target>_model.onnx`` for fake_quant, deploy and any extra ``targets``,
     and ``record`` (refreshed with the factors) to ``record_path``, as one transaction.
@@ -374,6 +375,11 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
     in_names += _default_input_names(work, inputs)[len(in_names):]  # names for the rest
     wrapper = _TensorInputs(work, inputs)
     external = _state_bytes(work) >= external_bytes
+    if signed_weights is None:
+        signed_weights, storage_reason = int8_weights_default()
+    else:
+        storage_reason = f"{'int8' if signed_weights else 'uint8'} weights: signed_weights={signed_weights} was passed"
+    log.info("slimq: %s", storage_reason)
     options = {"signed_weights": signed_weights}
     with FileTransaction() as tx:
         staged: Dict[str, Path] = {}
@@ -405,6 +411,8 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
         opsets = {t: OPSET_WIDE if wide else EXPORTERS[k].opset for t, k in used.items()}
         report = _report(save_path, staged, results, reference, output_names, notes, work, used, opsets,
                          external, strict)
+        report.int8_weights = "int8" if signed_weights else "uint8"
+        report.int8_weights_reason = storage_reason
         if record_path is not None:
             tx.text(record_path, record.to_text())
         tx.commit()

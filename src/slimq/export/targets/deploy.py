@@ -7,11 +7,11 @@ initializers behind ``DequantizeLinear``. ONNX Runtime fuses the INT8 pattern in
 
 Storage per width (what the file holds, and why):
 
-* INT8 weights: ``uint8`` with zero point 128 by default. ONNX Runtime's x86 kernels for
-  uint8 x int8 on CPUs without AVX-512 VNNI (AVX2-only Intel and AMD parts) sum pairs of
-  products in saturating int16 (``vpmaddubsw``), which silently corrupts results; uint8 x uint8
-  has no such step, so the default file computes the same integers on every CPU.
-  ``signed_weights=True`` stores ``int8`` (zero point 0) for runtimes and CPUs that want it.
+* INT8 weights: ``int8`` (zero point 0) with ``signed_weights=True``, ``uint8`` with zero point
+  128 with ``False``. ONNX Runtime's x86 kernels for uint8 x int8 on CPUs without VNNI (AVX2-only
+  Intel and AMD parts) sum pairs of products in saturating int16 (``vpmaddubsw``), which
+  silently corrupts results; uint8 x uint8 has no such step but is about 2x slower on VNNI
+  CPUs. The default (None) is decided by :func:`slimq.export.cpu.int8_weights_default`.
 * INT4: weights as packed ``int4`` initializers (ONNX opset 21); activations clipped to their
   16 levels, then stored as uint8.
 * INT16: ``int16`` weights and ``uint16`` activations (opset 21).
