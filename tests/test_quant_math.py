@@ -58,9 +58,11 @@ def test_ulq_backward_matches_numpy(bits, fixed_min):
     assert cn.grad.item() == pytest.approx(gmin, rel=1e-4, abs=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(5000,), (50, 100), (4, 10, 5, 25)])
 @pytest.mark.parametrize("bits", BITS)
-def test_ulq_code_path_matches_numpy(bits):
-    """The path CUDA and torch.compile take: one saved ``code`` tensor instead of ``x``."""
+def test_ulq_code_path_matches_numpy(bits, shape):
+    """The path CUDA and torch.compile take: one saved ``code`` tensor instead of ``x`` (its sums
+    reduce per dim-1 slice first on 3+ dims)."""
     rng = np.random.default_rng(5)
     x = (rng.standard_normal(5000) * 2).astype(np.float32)
     g = rng.standard_normal(5000).astype(np.float32)
@@ -68,14 +70,14 @@ def test_ulq_code_path_matches_numpy(bits):
     s, o = Fq.ulq_scale_offset(torch.tensor(cmax), torch.tensor(cmin), bits)
     qmin, qmax = Fq.qrange(bits)
     x[:4] = (np.array([qmax - o + 0.5, qmax - o + 1.5, qmin - o - 0.5, qmin - o - 1.5]) * float(s)).astype(np.float32)
-    y, code = Fq._ulq_code(torch.from_numpy(x), s, qmin - o, qmax - o)
-    np.testing.assert_array_equal(y.numpy(), ref.ulq_forward(x, cmax, cmin, bits))
+    y, code = Fq._ulq_code(torch.from_numpy(x).reshape(shape), s, qmin - o, qmax - o)
+    np.testing.assert_array_equal(y.reshape(-1).numpy(), ref.ulq_forward(x, cmax, cmin, bits))
     gx_ref, gmax, gmin = ref.ulq_backward(x, g, cmax, cmin, bits)
     n = 2 ** bits - 1
     for need_gx in (True, False):
-        gx, err, upper, lower = Fq._ulq_sums_from_code(torch.from_numpy(g), code, need_gx)
+        gx, err, upper, lower = Fq._ulq_sums_from_code(torch.from_numpy(g).reshape(shape), code, need_gx)
         if need_gx:
-            np.testing.assert_array_equal(gx.numpy(), gx_ref)
+            np.testing.assert_array_equal(gx.reshape(-1).numpy(), gx_ref)
         assert float(err / n + upper) == pytest.approx(gmax, rel=1e-4, abs=1e-3)
         assert float(lower - err / n) == pytest.approx(gmin, rel=1e-4, abs=1e-3)
 
