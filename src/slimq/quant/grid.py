@@ -88,8 +88,12 @@ class Grid:
     def index(self, x: Tensor, axis: Optional[int] = None) -> Tensor:
         """``clamp(round(x / scale), lo, hi)`` in float32 (integral values); a per-channel grid
         applies along ``axis`` of ``x``."""
-        return torch.div(x.float(), self.along(self.scale, x, axis)).round_().clamp_(
-            self.along(self.lo, x, axis), self.along(self.hi, x, axis))
+        lo, hi = self.lo, self.hi
+        if lo.dim() == 0 and lo.device.type == "cpu" and not torch.compiler.is_compiling():
+            bounds = (float(lo), float(hi))  # a CPU read, no sync; a tensor-bound clamp is ~10x slower
+        else:
+            bounds = (self.along(lo, x, axis), self.along(hi, x, axis))
+        return torch.div(x.float(), self.along(self.scale, x, axis)).round_().clamp_(*bounds)
 
     def fake_quant(self, x: Tensor, axis: Optional[int] = None) -> Tensor:
         """``index(x) * scale``: ``x`` moved onto the grid (float32)."""
