@@ -135,7 +135,7 @@ def test_transformer_projections_are_quantized_and_export(tmp_path, write_cfg, b
     fq = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), x)})[0]
     assert rel_l2(fq, got.numpy()) <= 1e-3
     graph = onnx.load(report.deploy_path).graph
-    weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.UINT8}
+    weights = {t.name for t in graph.initializer if t.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)}
     matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
     quantized = [n for n in matmuls if any(i in weights for i in n.input) or
                  any(p.op_type == "DequantizeLinear" and p.output[0] in n.input and p.input[0] in weights
