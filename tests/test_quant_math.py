@@ -44,16 +44,27 @@ def test_ulq_forward_property(cmax, ratio, bits, seed):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("fixed_min", [False, True])
-def test_ulq_backward_matches_numpy(bits, fixed_min):
+@pytest.mark.parametrize("layout", ["flat", "channels_last"])
+def test_ulq_backward_matches_numpy(bits, fixed_min, layout):
+    """The eager CPU path (the backward re-grids the saved input), ties at the range ends included,
+    on a flat and on a channels_last 4-D input."""
     rng = np.random.default_rng(7)
     x = (rng.standard_normal(5000) * 2).astype(np.float32)
     g = rng.standard_normal(5000).astype(np.float32)
     cmax, cmin = 1.7, (0.0 if fixed_min else -0.9)
-    xt = torch.from_numpy(x).requires_grad_()
+    s, o = Fq.ulq_scale_offset(torch.tensor(cmax), torch.tensor(cmin), bits)
+    qmin, qmax = Fq.qrange(bits)
+    x[:4] = (np.array([qmax - o + 0.5, qmax - o + 1.5, qmin - o - 0.5, qmin - o - 1.5]) * float(s)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    gt = torch.from_numpy(g)
+    if layout == "channels_last":  # same logical values, another memory order
+        xt = xt.reshape(2, 10, 10, 25).contiguous(memory_format=torch.channels_last)
+        gt = gt.reshape(2, 10, 10, 25).contiguous(memory_format=torch.channels_last)
+    xt.requires_grad_()
     cm, cn = _clips(cmax, cmin)
-    Fq.ulq_fake_quant(xt, cm, cn, bits, fixed_min=fixed_min).backward(torch.from_numpy(g))
+    Fq.ulq_fake_quant(xt, cm, cn, bits, fixed_min=fixed_min).backward(gt)
     gx, gmax, gmin = ref.ulq_backward(x, g, cmax, cmin, bits, fixed_min)
-    np.testing.assert_array_equal(xt.grad.numpy(), gx)
+    np.testing.assert_array_equal(xt.grad.reshape(-1).numpy(), gx)
     assert cm.grad.item() == pytest.approx(gmax, rel=1e-4, abs=1e-3)
     assert cn.grad.item() == pytest.approx(gmin, rel=1e-4, abs=1e-3)
 
