@@ -4,8 +4,8 @@ ONNX Runtime's x86 kernels multiply uint8 activations by int8 weights. With VNNI
 AVX-512 VNNI, AVX-VNNI) or AMX the products go straight into int32; on AVX2-only CPUs (Intel
 before Cascade Lake, AMD before Zen 4) they go through ``vpmaddubsw``, which adds pairs of
 products in saturating int16 and silently corrupts large sums. uint8 weights (zero point 128)
-avoid that step on every CPU but take ONNX Runtime's slower uint8 x uint8 kernels (measured 1.6-2.7x
-the latency on a VNNI CPU, ``benchmarks/bench_deploy.py``).
+avoid that step on every CPU but take ONNX Runtime's slower uint8 x uint8 kernels (1.7-2.3x the
+latency of int8 weights on an AVX-512 VNNI EPYC, ``benchmarks/bench_deploy.py``).
 
 ``signed_weights=None`` (the default of save) therefore stores int8 only where this module
 reads VNNI or AMX in the CPU's flags; everywhere else, and wherever the flags cannot be read,
