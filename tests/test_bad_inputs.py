@@ -14,7 +14,7 @@ from torch import nn
 import slimq
 from conftest import QUANT_CFG, files_in
 from helpers import MixedNet, make_batches, train
-from slimq.errors import (CheckpointError, ConfigError, ExportError, ModelError, NumericalError,
+from slimq.errors import (CheckpointError, ConfigError, ExportArgumentError, ExportError, ModelError, NumericalError,
                           RecordError, SlimqError)
 
 X = torch.randn(2, 2, 8, 8)
@@ -57,9 +57,9 @@ def restore(env, record=None, pth=None, name="state_dict", model=None, config=No
                                                   pth or str(env.pth), name)
 
 
-def save(env, save_path=None, model=None):
+def save(env, save_path=None, model=None, **options):
     return slimq.save_compressed_retrain_model(model if model is not None else env.base.model, str(env.record),
-                                               save_path or str(env.tmp / "m"), X)
+                                               save_path or str(env.tmp / "m"), X, **options)
 
 
 def _nan_training(env):
@@ -239,6 +239,7 @@ CASES = [
     ("model not a Module", None, lambda env, _: create(env, model=lambda x: x), ModelError, "torch.nn.Module"),
     ("DataParallel model", None, lambda env, _: create(env, model=nn.DataParallel(MixedNet())), ModelError, "DataParallel"),
     ("save_path folder missing", None, lambda env, _: save(env, save_path=str(env.tmp / "no" / "m")), ExportError, "does not exist"),
+    ("signed_weights not a bool", None, lambda env, _: save(env, signed_weights="int8"), ExportArgumentError, "signed_weights.*'int8'"),
     ("save_path folder read-only", None, lambda env, _: _read_only_save(env), ExportError, "not writable"),
     ("record_file folder missing", None, lambda env, _: create(env, record=str(env.tmp / "no" / "r.txt")), RecordError, "does not exist"),
     ("config is a folder", None, lambda env, _: create(env, str(env.tmp)), ConfigError, "is a folder"),

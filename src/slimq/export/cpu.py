@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import platform
 from pathlib import Path
-from typing import FrozenSet, Tuple
+from typing import FrozenSet, Optional, Tuple
 
 __all__ = ["int8_weights_default", "EXACT_INT8_FLAGS"]
 
@@ -28,7 +28,7 @@ EXACT_INT8_FLAGS: FrozenSet[str] = frozenset({"avx512_vnni", "avx_vnni", "amx_in
 @functools.lru_cache(maxsize=None)
 def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> FrozenSet[str]:
     try:
-        text = Path(cpuinfo).read_text()
+        text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
         return frozenset()
     for line in text.splitlines():
@@ -37,7 +37,7 @@ def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> FrozenSet[str]:
     return frozenset()
 
 
-def int8_weights_default(machine: str = "", flags: FrozenSet[str] = None) -> Tuple[bool, str]:
+def int8_weights_default(machine: str = "", flags: Optional[FrozenSet[str]] = None) -> Tuple[bool, str]:
     """``(signed, reason)``: int8 weights where this CPU multiplies them exactly and fast, else uint8."""
     machine = (machine or platform.machine()).lower()
     flags = _cpu_flags() if flags is None else flags

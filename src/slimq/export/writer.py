@@ -31,7 +31,7 @@ from torch import nn
 
 from .._calls import ModelInputs, call, eval_mode, flatten_tensors
 from .._io import FileTransaction
-from ..errors import ExportError, SlimqError
+from ..errors import ExportArgumentError, ExportError, SlimqError
 from ..nn.modules import CompressedLayer, iter_compressed
 from ..nn.replace import ENTRY_ATTR, POINT_ATTR, FoldedIntoLayer, output_points
 from ..quant.quantizers import ActQuantizer
@@ -270,6 +270,20 @@ EXPORTERS: Mapping[str, Exporter] = MappingProxyType({
 AUTO = ("torchscript", "dynamo")  # exporter="auto": the first that exports each file
 
 
+def _weight_storage(signed_weights: Optional[bool]) -> Tuple[bool, str]:
+    """``(signed, reason)``: ``signed_weights`` as passed, or this CPU's default for None."""
+    if signed_weights is None:
+        signed, reason = int8_weights_default()
+    elif isinstance(signed_weights, (bool, np.bool_)):
+        signed = bool(signed_weights)
+        reason = f"{'int8' if signed else 'uint8'} weights: signed_weights={signed} was passed"
+    else:
+        raise ExportArgumentError(f"signed_weights must be True, False or None (this CPU's default), "
+                                  f"got {signed_weights!r}")
+    log.info("slimq: %s", reason)
+    return signed, reason
+
+
 def _exporter_order(name: str) -> Tuple[str, ...]:
     if name == "auto":
         return AUTO
@@ -358,6 +372,7 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
     if unknown:
         raise ExportError(f"unknown export target(s) {unknown}; available: {sorted(TARGETS)}")
     order = _exporter_order(exporter)
+    signed_weights, storage_reason = _weight_storage(signed_weights)
     work, notes = _export_copy(model)
     inputs = _float32(inputs)
     layers = dict(iter_compressed(work))
@@ -375,11 +390,6 @@ def export_models(model: nn.Module, inputs: ModelInputs, save_path: str, record:
     in_names += _default_input_names(work, inputs)[len(in_names):]  # names for the rest
     wrapper = _TensorInputs(work, inputs)
     external = _state_bytes(work) >= external_bytes
-    if signed_weights is None:
-        signed_weights, storage_reason = int8_weights_default()
-    else:
-        storage_reason = f"{'int8' if signed_weights else 'uint8'} weights: signed_weights={signed_weights} was passed"
-    log.info("slimq: %s", storage_reason)
     options = {"signed_weights": signed_weights}
     with FileTransaction() as tx:
         staged: Dict[str, Path] = {}
