@@ -5,7 +5,6 @@ with the weight it passes, and export with int8 weights; model code that reads a
 from __future__ import annotations
 
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +12,7 @@ from torch import nn
 
 import slimq
 from conftest import QUANT_CFG
-from helpers import int8_coverage, rel_l2
+from helpers import int8_coverage, ort_run, rel_l2
 from models import randomize_vectors
 from pruning_check import assert_pruned_equivalent
 from slimq.nn import CompressedLayer
@@ -51,12 +50,17 @@ class SubclassNet(nn.Module):
 LAYERS = {"same", "std", "reflect", "head"}
 
 
-def test_subclasses_are_quantized_and_export(tmp_path, write_cfg):
+def _random_model(cls, shape):
+    """(model with randomised vectors, example input, its float output)."""
     torch.manual_seed(0)
-    model = randomize_vectors(SubclassNet()).eval()
-    x = torch.randn(4, 3, 16, 16)
+    model = randomize_vectors(cls()).eval()
+    x = torch.randn(*shape)
     with torch.no_grad():
-        expected = model(x)
+        return model, x, model(x)
+
+
+def test_subclasses_are_quantized_and_export(tmp_path, write_cfg):
+    model, x, expected = _random_model(SubclassNet, (4, 3, 16, 16))
     report = slimq.plan(model, x, write_cfg(QUANT_CFG))
     for name in LAYERS:
         assert report[name].action == "quant", (name, report[name])
@@ -81,12 +85,8 @@ def test_subclasses_are_quantized_and_export(tmp_path, write_cfg):
     saved = slimq.save_compressed_retrain_model(cm, record, str(tmp_path / "m"), x)
     for path in (saved.fake_quant_path, saved.deploy_path):
         onnx.checker.check_model(onnx.load(path), full_check=True)
-    sess = ort.InferenceSession(saved.fake_quant_path, providers=["CPUExecutionProvider"])
-    fq = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert rel_l2(fq, got.numpy()) <= 1e-4
-    sess = ort.InferenceSession(saved.deploy_path, providers=["CPUExecutionProvider"])
-    dep = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert rel_l2(dep, got.numpy()) <= 2e-2
+    assert rel_l2(ort_run(saved.fake_quant_path, x), got.numpy()) <= 1e-4
+    assert rel_l2(ort_run(saved.deploy_path, x), got.numpy()) <= 2e-2
     assert int8_coverage(saved.deploy_path) == (len(LAYERS), len(LAYERS))
 
 
@@ -121,11 +121,7 @@ class BnActNet(nn.Module):
 
 def test_batchnorm_act_folds_into_its_conv(tmp_path, write_cfg):
     """BatchNormAct2d: the normalisation folds into the conv, its activation stays after it."""
-    torch.manual_seed(0)
-    model = randomize_vectors(BnActNet()).eval()
-    x = torch.randn(4, 3, 12, 12)
-    with torch.no_grad():
-        expected = model(x)
+    model, x, expected = _random_model(BnActNet, (4, 3, 12, 12))
     record = str(tmp_path / "r.txt")
     cm = slimq.create_compressed_retrain_model(model, x, write_cfg(QUANT_CFG), record)
     assert type(cm.conv.bn) is nn.BatchNorm2d and type(cm.conv2.bn) is nn.BatchNorm2d
@@ -141,9 +137,7 @@ def test_batchnorm_act_folds_into_its_conv(tmp_path, write_cfg):
     with torch.no_grad():
         got = cm(x)
     saved = slimq.save_compressed_retrain_model(cm, record, str(tmp_path / "m"), x)
-    sess = ort.InferenceSession(saved.fake_quant_path, providers=["CPUExecutionProvider"])
-    fq = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert rel_l2(fq, got.numpy()) <= 1e-5
+    assert rel_l2(ort_run(saved.fake_quant_path, x), got.numpy()) <= 1e-5
     assert not any(n.startswith("bn") for n in saved.float_layers)
 
 
