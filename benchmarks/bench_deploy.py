@@ -28,9 +28,7 @@ import argparse
 import io
 import os
 import re
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Dict, List
@@ -43,6 +41,7 @@ from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantT
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 import slimq
+from slimq.cli.demo import alternating_latencies
 from slimq.export.cpu import int8_weights_default
 
 QUANT = """batch_num: 2
@@ -148,18 +147,10 @@ def file_bytes(path: str) -> int:
 
 
 def time_all(files: Dict[str, str], size: int, runs: int, threads: int) -> Dict[str, float]:
+    """Median ms per file at batch 1, all sessions alternating."""
     sessions = {k: session(p, threads) for k, p in files.items()}
     feed = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-    for s in sessions.values():
-        for _ in range(5):
-            s.run(None, {s.get_inputs()[0].name: feed})
-    times: Dict[str, List[float]] = {k: [] for k in sessions}
-    for _ in range(runs):
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, {s.get_inputs()[0].name: feed})
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return alternating_latencies(sessions, feed, runs, warmup=5)
 
 
 def main() -> None:
@@ -184,7 +175,7 @@ def main() -> None:
             med = time_all(files, args.size, args.runs, args.threads)
             sizes = {k: file_bytes(p) for k, p in files.items()}
         for k in files:
-            print(f"| {name} | {k} | {1e3 * med[k]:.2f} | {med[k] / med[FP32]:.3f} | {med[k] / med[ORTQ]:.3f} | "
+            print(f"| {name} | {k} | {med[k]:.2f} | {med[k] / med[FP32]:.3f} | {med[k] / med[ORTQ]:.3f} | "
                   f"{sizes[k] / 1e6:.2f} | {sizes[k] / sizes[FP32]:.3f} |", flush=True)
     print()
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")

@@ -98,10 +98,11 @@ def _ort_accuracy(sess, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y.numpy()).mean())
 
 
-def _latencies(sessions: Dict[str, object], one: np.ndarray, runs: int) -> Dict[str, float]:
-    """Median ms per image at batch 1, sessions alternating so noise hits all alike."""
+def alternating_latencies(sessions: Dict[str, object], one: np.ndarray, runs: int, warmup: int = 20) -> Dict[str, float]:
+    """Median ms per run of each ONNX Runtime session on ``one`` (its only input), sessions
+    alternating so machine noise hits all alike (also used by benchmarks/bench_deploy.py)."""
     for s in sessions.values():
-        for _ in range(20):
+        for _ in range(warmup):
             s.run(None, {s.get_inputs()[0].name: one})
     times: Dict[str, List[float]] = {k: [] for k in sessions}
     for _ in range(runs):
@@ -194,7 +195,7 @@ def run_demo(out_dir: str = "slimq_demo", config: str = "", float_epochs: int = 
     paths = {"FP32 ONNX (ORT)": fp32_path, "fake_quant ONNX (ORT)": export.fake_quant_path,
              "deploy INT8 ONNX (ORT)": export.deploy_path}
     sessions = {k: _session(p) for k, p in paths.items()}
-    latency = _latencies(sessions, xte[:1].numpy(), latency_runs)
+    latency = alternating_latencies(sessions, xte[:1].numpy(), latency_runs)
     params, macs = plan.params, plan.macs
     rows = [DemoRow("float (PyTorch)", float_acc, params[0], macs[0]),
             DemoRow("FP32 ONNX (ORT)", _ort_accuracy(sessions["FP32 ONNX (ORT)"], xte, yte), params[0], macs[0],
