@@ -45,6 +45,24 @@ def test_killed_writer_leaves_a_loadable_record(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["record.txt"]
 
 
+def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    """A writer killed between its folder probe, staging folder or temp file and the rename leaves
+    them behind; the next writer removes those of dead processes only."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    live = str(os.getppid())  # the test runner's parent: alive, and not this process
+    for pid in (dead, live):
+        (tmp_path / f".slimq-probe-{pid}-abc").write_text("")
+        (tmp_path / f".slimq-write-{pid}-record.txt").write_text("half")
+        (tmp_path / f".slimq-stage-{pid}-xyz").mkdir()
+        (tmp_path / f".slimq-stage-{pid}-xyz" / "m.onnx").write_text("")
+    (tmp_path / ".slimq-notes").write_text("a user's own file")  # not a name slimq writes
+    write_record(tmp_path / "record.txt", Record())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".slimq-notes", "record.txt", f".slimq-probe-{live}-abc", f".slimq-write-{live}-record.txt",
+         f".slimq-stage-{live}-xyz"])
+
+
 @pytest.mark.slow
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path):
     steps = 14

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 def temp_path_for(path: Path) -> Path:
     """A hidden sibling of ``path`` unique to this process, so renames stay on one filesystem."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(_private_prefix("write") + path.name)
 
 
 def check_writable_dir(path: PathLike, what: str, error: type[SlimqError] = SlimqError) -> Path:
@@ -32,8 +33,9 @@ def check_writable_dir(path: PathLike, what: str, error: type[SlimqError] = Slim
         raise error(f"{what} '{p}': folder '{folder}' does not exist; create it first")
     if p.is_dir():
         raise error(f"{what} '{p}' is a folder; give a file path")
+    _remove_stale_temps(folder)
     try:  # os.access says yes to root even on read-only folders: really try
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".slimq-probe-"):
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=_private_prefix("probe")):
             pass
     except OSError as exc:
         raise error(f"{what} '{p}': folder '{folder}' is not writable ({exc.strerror})") from None
@@ -65,21 +67,41 @@ def read_text_file(path: PathLike, what: str, error: type[SlimqError], hint: str
     return text[1:] if text.startswith("\ufeff") else text  # editors on Windows write a BOM
 
 
-def _remove_stale_temps(path: Path) -> None:
-    """Temp files left by writers that were killed (their pid is gone)."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:-4]
-        if not pid.isdigit() or int(pid) == os.getpid():
+def _private_prefix(kind: str) -> str:
+    """Name prefix of this process's temp files and staging folders: the pid lets a later writer
+    recognise (and remove) the leftovers of a killed one."""
+    return f".slimq-{kind}-{os.getpid()}-"
+
+
+def _writer_pid(name: str) -> int | None:
+    """The pid in the name of a temp file or folder slimq writes (``.slimq-<kind>-<pid>-*``)."""
+    m = re.match(r"\.slimq-(?:probe|stage|write)-(\d+)-", name)
+    return None if m is None else int(m.group(1))
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: another user's live process
+        pass
+    return False
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Temp files and staging folders left in ``folder`` by writers that were killed."""
+    for tmp in folder.glob(".slimq-*"):
+        pid = _writer_pid(tmp.name)
+        if pid is None or pid == os.getpid() or not _process_gone(pid):
             continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
             try:
                 tmp.unlink()
             except OSError:
                 pass
-        except PermissionError:
-            pass
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -90,7 +112,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """
     path = Path(os.fspath(path))
     tmp = temp_path_for(path)
-    _remove_stale_temps(path)
+    _remove_stale_temps(path.parent)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -130,7 +152,8 @@ class FileTransaction:
         folder = final.parent if str(final.parent) else Path(".")
         tmp = self._folders.get(folder)
         if tmp is None:
-            tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".slimq-stage-"))
+            _remove_stale_temps(folder)
+            tmp = Path(tempfile.mkdtemp(dir=folder, prefix=_private_prefix("stage")))
             self._folders[folder] = tmp
         staged = tmp / final.name
         self._staged.append((staged, final))
