@@ -51,6 +51,35 @@ def test_eval_before_training_is_repeatable_and_changes_nothing(tmp_path, write_
     assert int(cm.conv.act_quant.initialized) == 0  # still waiting for its training batches
 
 
+def test_provisional_ranges_are_the_float_models_extremes(tmp_path, write_cfg):
+    """create's calibration observes the float model (an independent reference: hooks on the
+    user's own model); below a million samples the 99.9999th percentile is the maximum."""
+    torchvision = pytest.importorskip("torchvision")
+    from models import randomize_vectors
+    from slimq.nn.modules import iter_compressed
+
+    model = randomize_vectors(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach().clone()))
+             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    cm = slimq.create_compressed_retrain_model(model, x, write_cfg(QUANT_CFG), str(tmp_path / "r.txt"))
+    checked = 0
+    for name, layer in iter_compressed(cm):
+        q = layer.act_quant
+        if q is None:
+            continue
+        ref = seen[name]
+        assert q.clip_max.item() == pytest.approx(max(ref.max().item(), 0.0), rel=1e-6), name
+        assert q.clip_min.item() == pytest.approx(0.0 if q.fixed_min else min(ref.min().item(), 0.0), abs=1e-6), name
+        checked += 1
+    assert checked == 21  # every conv and the fc
+
+
 def test_eval_after_training_changes_nothing(tmp_path, write_cfg):
     cm, _ = _create(tmp_path, write_cfg)
     train(cm, make_batches(3, SHAPE, 10))

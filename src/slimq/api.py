@@ -8,7 +8,7 @@ import copy
 import logging
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from .prune import PruneDecision, annotate_plan, apply_records, decide, layer_co
 from .prune.amct_records import usable_records
 from .prune.check import check_pruned
 from .record.collector import RecordCollector, is_writer_rank
-from .record.store import Record, read_record, write_record
+from .record.store import ChannelPruneInfo, Record, read_record, write_record
 from .report import PlanReport, build_report
 from .restore import check_record_agrees, load_checkpoint, load_state, names_in
 
@@ -83,6 +83,7 @@ class _Job:
     inputs: ModelInputs
     plan: CompressionPlan
     df: Dataflow
+    prunes: Tuple[ChannelPruneInfo, ...] = ()  # the channel cuts made on ``model`` (create)
 
 
 def _prepare(model: Any, input_data: Any, config_defination: Any) -> _Job:
@@ -108,7 +109,8 @@ def _prune(job: _Job, decision: PruneDecision, record: Record, check: bool = Tru
     if records and check:
         check_pruned(job.model, job.inputs, job.df, records)
     record.set_channel_prunes(records)
-    return replace(job, plan=annotate_plan(job.plan, decision, dict(job.model.named_modules())))
+    return replace(job, plan=annotate_plan(job.plan, decision, dict(job.model.named_modules())),
+                   prunes=tuple(records))
 
 
 def _compress(job: _Job, record: Record, record_path: str, masks=None, restoring: bool = False) -> nn.Module:
@@ -118,8 +120,7 @@ def _compress(job: _Job, record: Record, record_path: str, masks=None, restoring
     training); a restored one gets its ranges from the checkpoint instead."""
     layers = insert_compressed_layers(job.model, job.plan, job.df, masks=masks, source=record_path)
     if not restoring:  # one forward calibrates and checks the pruned model's output shapes
-        prunes = record.channel_prunes()
-        check_pruned(job.model, job.inputs, job.df, prunes, lambda m, i: calibrate(m, i, layers))
+        check_pruned(job.model, job.inputs, job.df, job.prunes, lambda m, i: calibrate(m, i, layers))
     if layers:
         collector = RecordCollector(record_path, record, layers, job.plan.batch_num, output_points(job.model))
         collector.record_masks()  # the 2:4 masks are in the record from the start

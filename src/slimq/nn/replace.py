@@ -8,9 +8,10 @@ placeholder is an identity, or for a BatchNorm subclass that applies children af
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -226,10 +227,26 @@ def _act_quantizers(model: nn.Module) -> List[ActQuantizer]:
     return list(seen.values())
 
 
+@contextlib.contextmanager
+def _float_pass(model: nn.Module) -> Iterator[None]:
+    """Eval forwards compute the float model: compressed layers run their float op and BatchNorm,
+    quantizers pass values through."""
+    mods = [m for m in model.modules() if isinstance(m, (CompressedLayer, ActQuantizer))]
+    for m in mods:
+        m.float_pass = True
+    try:
+        yield
+    finally:
+        for m in mods:
+            del m.float_pass  # back to the class's False
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, inputs: ModelInputs, layers: Mapping[str, CompressedLayer]) -> Any:
     """Provisional clips from one eval forward on ``inputs`` for every quantizer that training
     has not initialised, so that an evaluation before training is well defined and repeatable.
+    The forward is the float model's (quantizers see float values, as a post-training observer
+    does), which spares quantizing every weight here: the ranges are provisional anyway.
     Returns the forward's output (create checks the pruned model's output shapes on it).
 
     Under DDP rank 0's values are broadcast, so every rank evaluates alike.
@@ -244,18 +261,16 @@ def calibrate(model: nn.Module, inputs: ModelInputs, layers: Mapping[str, Compre
         if any(q is layer.act_quant for layer in layers.values() if not layer.act_shared):
             continue
         handles.append(q.register_forward_pre_hook(lambda mod, args: mod.calibrate_(args[0])))
-    once = [False]  # one "not initialised" warning per model, for the user's evaluations
-    for q in model.modules():
-        if isinstance(q, ActQuantizer):
-            q._warn_once = once
-    once[0] = True  # not for this forward
     try:
-        with eval_mode(model):
+        with eval_mode(model), _float_pass(model):
             out = call(model, inputs)
     finally:
         for h in handles:
             h.remove()
-        once[0] = False
+    once = [False]  # one "not initialised" warning per model, for the user's evaluations
+    for q in model.modules():
+        if isinstance(q, ActQuantizer):
+            q._warn_once = once
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for q in pending:
             dist.broadcast(q.clip_max.data, 0)

@@ -6,6 +6,7 @@ model: restore calls it with the records read back, so it re-applies exactly wha
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -118,12 +119,11 @@ def _group_scores(g: ChannelGroup, modules: Dict[str, nn.Module]) -> torch.Tenso
 
 
 def _member_indices(m: Member, removed: Sequence[int]) -> List[int]:
-    idx = []
-    for i in removed:
-        if m.start <= i < m.start + m.length:
-            base = m.begin + (i - m.start) * m.unit
-            idx.extend(range(base, base + m.unit))
-    return idx
+    """The member's own channel indices of the group's ``removed`` (sorted) channels."""
+    inside = removed[bisect.bisect_left(removed, m.start):bisect.bisect_left(removed, m.start + m.length)]
+    if m.unit == 1:
+        return [m.begin - m.start + i for i in inside]
+    return [c for i in inside for c in range(m.begin + (i - m.start) * m.unit, m.begin + (i - m.start + 1) * m.unit)]
 
 
 def to_records(decision: PruneDecision) -> List[ChannelPruneInfo]:
@@ -171,8 +171,8 @@ def apply_records(model: nn.Module, records: Sequence[ChannelPruneInfo], source:
                     raise RecordError(f"{source}: prune record names '{info.name}' ({info.type}) but the "
                                       f"model has {found} there; the record file belongs to another model")
                 width = channel_width(m, role) or 0
-                bad = [i for i in info.prune_index if not info.begin <= i < min(info.end, width)]
-                if info.end > width or bad:
+                top = min(info.end, width)
+                if info.end > width or any(not info.begin <= i < top for i in info.prune_index):
                     raise RecordError(f"{source}: prune record for '{info.name}' covers channels "
                                       f"{info.begin}..{info.end} but the layer has {width}; the record "
                                       "file belongs to another model (or was already applied)")
@@ -180,7 +180,7 @@ def apply_records(model: nn.Module, records: Sequence[ChannelPruneInfo], source:
     with torch.no_grad():
         for (name, role), removed in sorted(removal.items(), key=lambda kv: kv[0][1] != "out"):
             m = modules[name]
-            keep = [i for i in range(channel_width(m, role) or 0) if i not in removed]
+            keep = sorted(set(range(channel_width(m, role) or 0)).difference(removed))
             if not keep:
                 raise RecordError(f"{source}: prune records remove every channel of '{name}'")
             apply_keep(m, role, keep, source)

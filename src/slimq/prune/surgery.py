@@ -11,7 +11,7 @@ per-channel tensors sliced.
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Callable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,13 +41,18 @@ def _grouped_columns(weight: Tensor, groups: int, in_channels: int, keep: Sequen
     return torch.cat(chunks, dim=rows_dim)
 
 
-def _sliced(m: nn.Module, attr: str, dim: int, role: str, keep: Sequence[int]) -> Tensor:
+def _sliced(m: nn.Module, attr: str, dim: int, role: str, keep: Sequence[int],
+            index: Dict[torch.device, Tensor]) -> Tensor:
+    """``attr`` of ``m`` with channels ``keep`` along ``dim``; ``index``: the index tensors made
+    so far for ``keep``, by device (one per layer, not one per tensor)."""
     t = getattr(m, attr)
     grouped = (role == "in" and attr == "weight" and isinstance(m, nn.modules.conv._ConvNd)
                and not isinstance(m, nn.modules.conv._ConvTransposeNd) and m.groups > 1)
     if grouped:
         return _grouped_columns(t, m.groups, m.in_channels, keep, dim=1)
-    return t.index_select(dim, _index(keep, t.device))
+    if t.device not in index:
+        index[t.device] = _index(keep, t.device)
+    return t.index_select(dim, index[t.device])
 
 
 def _store(m: nn.Module, attr: str, value: Tensor) -> None:
@@ -113,8 +118,9 @@ def apply_keep(m: nn.Module, role: str, keep: Sequence[int], source: str = "reco
     tensors = channel_tensors(m, role)
     if tensors is None:
         raise RecordError(f"{source}: {type(m).__name__} layers cannot be pruned as '{role}'")
+    index: Dict[torch.device, Tensor] = {}
     for attr, dim in tensors:
-        _store(m, attr, _sliced(m, attr, dim, role, keep))
+        _store(m, attr, _sliced(m, attr, dim, role, keep, index))
     for family, update in ATTRIBUTES.items():
         if isinstance(m, family):
             update(m, role, len(keep))

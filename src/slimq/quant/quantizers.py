@@ -46,6 +46,14 @@ def _samples(x: Tensor) -> Tensor:
     return flat.float()
 
 
+def _all_finite(samples: Tensor) -> bool:
+    """No NaN or Inf in ``samples`` (their extremes in one pass: both propagate into them)."""
+    if samples.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(samples)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def _kth_smallest(samples: Tensor, k: int) -> Tensor:
     """The ``k``-th smallest of the 1-D ``samples`` (0-dim, on their device). The extremes, which
     the 99.9999th percentile is below a million samples, are a max/min, not a selection."""
@@ -79,6 +87,8 @@ class ActQuantizer(nn.Module):
 
     Shapes: input any shape; ``clip_max``/``clip_min`` are ``[1]``.
     """
+
+    float_pass: bool = False  # eval passes values through (create's calibration, nn.replace.calibrate)
 
     def __init__(self, spec: ActQuantSpec, batch_num: int = 1, layer_name: str = "") -> None:
         super().__init__()
@@ -140,6 +150,8 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def eval_quant(self, x: Tensor) -> Tensor:
+        if self.float_pass:  # create's calibration sees the float model's values
+            return x
         self.warn_if_provisional()
         return self.grid().fake_quant(x).to(x.dtype)
 
@@ -161,7 +173,7 @@ class ActQuantizer(nn.Module):
         if self.is_initialized:
             return
         samples = _samples(x)
-        if not bool(torch.isfinite(samples).all()):
+        if not _all_finite(samples):
             raise NumericalError(f"NaN or Inf in the input activations of quantized layer "
                                  f"'{self.layer_name}' on input_data")
         hi, lo = self._percentiles(samples, collective=False)
@@ -173,7 +185,7 @@ class ActQuantizer(nn.Module):
     def _init_step(self, x: Tensor) -> None:
         """One range-initialisation batch (may synchronise: it runs eagerly, also when compiled)."""
         flat = _samples(x)
-        if not bool(torch.isfinite(flat).all()):
+        if not _all_finite(flat):
             raise NumericalError(f"NaN or Inf in the input activations of quantized layer "
                                  f"'{self.layer_name}' while initialising its clip range")
         self._samples.append(flat)

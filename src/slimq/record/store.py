@@ -142,7 +142,7 @@ def _set_attr(node, name: str, value: Union[int, str, Sequence[int]]) -> None:
         a.type, a.i = _Attr.INT, int(value)
     else:
         a.type = _Attr.INTS
-        a.ints.extend(int(v) for v in value)
+        a.ints.extend(map(int, value))
 
 
 # --------------------------------------------------------------------------- record
