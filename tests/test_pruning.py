@@ -66,11 +66,13 @@ def test_kept_count(channels, ratio, ascend, parts, expected):
        ascend=st.booleans(), seed=st.integers(0, 1000))
 def test_select_removed_property(parts, per, ratio, ascend, seed):
     channels = parts * per
-    scores = torch.from_numpy(np.random.default_rng(seed).random(channels))
+    rng = np.random.default_rng(seed)
+    values = rng.random(channels) if seed % 2 else rng.integers(0, 3, channels).astype(np.float64)  # ties
+    scores = torch.from_numpy(values)
     removed = select_removed(scores, ratio, ascend, parts)
     keep = kept_count(channels, ratio, ascend, parts)
     assert len(removed) == channels - keep and removed == sorted(set(removed))
-    # numpy reference: per part, drop the lowest scores
+    # reference: per part, drop the lowest scores; among equal scores the higher index goes first
     ref = []
     for p in range(parts):
         part = scores.numpy()[p * per:(p + 1) * per]

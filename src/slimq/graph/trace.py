@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -49,8 +50,10 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.nodes: List[Node] = []
         self.values: Dict[int, Value] = {}
-        self.value_of: Dict[int, int] = {}  # id(tensor) -> value id
-        self.keep_alive: List[torch.Tensor] = []  # stops id() reuse while tracing
+        # id(tensor) -> (weak reference, value id): a dead tensor's id may be reused, so a hit
+        # counts only if the reference still points at the same tensor. Weak, so that the forward
+        # frees (and its allocator reuses) activations as it would untraced.
+        self.value_of: Dict[int, Tuple[weakref.ref, int]] = {}
         self.depth = 0  # >0 while inside an opaque module
         self.scopes: List[str] = []  # transparent modules whose forward is running, innermost last
         self.calls: List[Node] = []  # transparent module calls
@@ -67,12 +70,16 @@ class _Recorder(TorchFunctionMode):
     def new_value(self, t: torch.Tensor, producer: int) -> int:
         vid = len(self.values)
         self.values[vid] = Value(vid, tuple(t.shape), t.dtype, producer)
-        self.value_of[id(t)] = vid
-        self.keep_alive.append(t)
+        self.value_of[id(t)] = (weakref.ref(t), vid)
         return vid
 
+    def vid(self, t: torch.Tensor) -> Optional[int]:
+        """The value id of tensor ``t``, or None if it is not a recorded value."""
+        entry = self.value_of.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
     def ref(self, t: torch.Tensor) -> Any:
-        vid = self.value_of.get(id(t))
+        vid = self.vid(t)
         if vid is not None:
             return ValueRef(vid)
         kind, name = self.names.get(id(t), ("constant", ""))
@@ -133,7 +140,7 @@ class _Recorder(TorchFunctionMode):
     def finish_node(self, node: Node, result: Any) -> None:
         input_objs = {vid for vid in node.inputs}
         for t in _flatten_tensors(result):
-            existing = self.value_of.get(id(t))
+            existing = self.vid(t)
             if existing is not None and existing in input_objs:
                 node.out_is_input = True  # in-place op: same tensor, new version
             node.outputs.append(self.new_value(t, node.id))
@@ -188,7 +195,7 @@ class _Recorder(TorchFunctionMode):
                     self.finish_node(node, output)
                 else:
                     self.scopes.pop()
-                    node.outputs = [self.value_of[id(t)] if id(t) in self.value_of else self.new_value(t, -1)
+                    node.outputs = [v if (v := self.vid(t)) is not None else self.new_value(t, -1)
                                     for t in _flatten_tensors(output)]
                     self.calls.append(node)
             return None
@@ -250,7 +257,7 @@ def trace(model: nn.Module, inputs: Tuple[Any, ...], time_limit: Optional[float]
                     "expects") from exc
         output_ids = []
         for t in _flatten_tensors(output):
-            vid = recorder.value_of.get(id(t))
+            vid = recorder.vid(t)
             output_ids.append(vid if vid is not None else recorder.new_value(t, -1))
     finally:
         for h in handles:

@@ -54,7 +54,7 @@ def select_removed(scores: Tensor, ratio: float, ascend_optimized: bool, parts: 
     removed: List[int] = []
     for p in range(parts):
         base = p * per_part
-        local = unit_scores[base:base + per_part].tolist()
-        order = sorted(range(per_part), key=lambda i: (-local[i], i))
-        removed.extend(c for i in order[keep_per_part:] for c in range((base + i) * block, (base + i + 1) * block))
+        # best first; a stable sort keeps equal scores in index order, so ties drop the higher index
+        order = torch.sort(-unit_scores[base:base + per_part], stable=True).indices[keep_per_part:].tolist()
+        removed.extend(c for i in order for c in range((base + i) * block, (base + i + 1) * block))
     return sorted(removed)
