@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 
 import pytest
 import torch
@@ -38,6 +39,31 @@ def test_trace_records_modules_functions_and_control_flow():
     # the data-dependent branch is visible as __bool__ (it blocks pruning of what it reads)
     assert [n.target for n in df.nodes if n.kind == "function"] == ["mean", "gt", "__bool__", "shape", "relu", "relu"]
     assert len(df.output_ids) == 1 and df.producer(df.output_ids[0]).target == "relu"
+
+
+class Chain(nn.Module):
+    """Temporaries dropped as the forward goes (their ids get reused); it reports how many of
+    them were still alive at its end."""
+
+    def forward(self, x):
+        refs = []
+        for _ in range(40):
+            t = x * 2
+            refs.append(weakref.ref(t))
+            x = t + 1
+        self.alive = sum(r() is not None for r in refs)
+        return x
+
+
+def test_trace_frees_values_and_maps_reused_ids_correctly():
+    model = Chain()
+    df = trace(model, (torch.randn(4, 4),))
+    assert model.alive <= 1  # the trace keeps no activation alive (only the current one)
+    nodes = df.nodes
+    assert [n.target for n in nodes] == ["mul", "add"] * 40
+    for prev, node in zip(nodes, nodes[1:]):  # a chain: every op reads the op before it
+        assert node.inputs == [prev.outputs[0]]
+    assert df.output_ids == [nodes[-1].outputs[0]] and nodes[0].inputs == df.input_ids
 
 
 def test_facts_on_resnet18():
