@@ -46,21 +46,27 @@ def _samples(x: Tensor) -> Tensor:
     return flat.float()
 
 
-def _all_finite(samples: Tensor) -> bool:
-    """No NaN or Inf in ``samples`` (their extremes in one pass: both propagate into them)."""
-    if samples.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(samples)
-    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+Extremes = Tuple[Tensor, Tensor]
 
 
-def _kth_smallest(samples: Tensor, k: int) -> Tensor:
+def _extremes(samples: Tensor) -> Optional[Extremes]:
+    """``(min, max)`` of the 1-D ``samples`` in one pass (NaN and Inf propagate into them);
+    None for no samples."""
+    return tuple(torch.aminmax(samples)) if samples.numel() else None
+
+
+def _finite(extremes: Optional[Extremes]) -> bool:
+    return extremes is None or all(math.isfinite(float(e)) for e in extremes)
+
+
+def _kth_smallest(samples: Tensor, k: int, extremes: Optional[Extremes] = None) -> Tensor:
     """The ``k``-th smallest of the 1-D ``samples`` (0-dim, on their device). The extremes, which
-    the 99.9999th percentile is below a million samples, are a max/min, not a selection."""
+    the 99.9999th percentile is below a million samples, are a max/min, not a selection
+    (``extremes``: the samples' ``(min, max)`` when already computed)."""
     if k == samples.numel():
-        return samples.max()
+        return extremes[1] if extremes is not None else samples.max()
     if k == 1:
-        return samples.min()
+        return extremes[0] if extremes is not None else samples.min()
     return torch.kthvalue(samples.cpu(), k).values.to(samples.device)
 
 
@@ -173,10 +179,11 @@ class ActQuantizer(nn.Module):
         if self.is_initialized:
             return
         samples = _samples(x)
-        if not _all_finite(samples):
+        extremes = _extremes(samples)
+        if not _finite(extremes):
             raise NumericalError(f"NaN or Inf in the input activations of quantized layer "
                                  f"'{self.layer_name}' on input_data")
-        hi, lo = self._percentiles(samples, collective=False)
+        hi, lo = self._percentiles(samples, collective=False, extremes=extremes)
         self.clip_max.fill_(float(hi))
         self.clip_min.fill_(float(lo))
 
@@ -185,13 +192,14 @@ class ActQuantizer(nn.Module):
     def _init_step(self, x: Tensor) -> None:
         """One range-initialisation batch (may synchronise: it runs eagerly, also when compiled)."""
         flat = _samples(x)
-        if not _all_finite(flat):
+        extremes = _extremes(flat)
+        if not _finite(extremes):
             raise NumericalError(f"NaN or Inf in the input activations of quantized layer "
                                  f"'{self.layer_name}' while initialising its clip range")
         self._samples.append(flat)
-        samples = torch.cat(self._samples)
+        samples = torch.cat(self._samples) if len(self._samples) > 1 else flat
         collective = _distributed()
-        hi, lo = self._percentiles(samples, collective)
+        hi, lo = self._percentiles(samples, collective, extremes if samples is flat else None)
         self.init_batches += 1
         if int(self.init_batches) < self.batch_num:  # until the last init batch: the percentiles
             self.clip_max.fill_(float(hi))
@@ -214,15 +222,16 @@ class ActQuantizer(nn.Module):
         best = int(torch.argmin(sse / count))
         return float(cand_max[best]), float(cand_min[best])
 
-    def _percentiles(self, samples: Tensor, collective: bool) -> Tuple[Tensor, Tensor]:
+    def _percentiles(self, samples: Tensor, collective: bool,
+                     extremes: Optional[Extremes] = None) -> Tuple[Tensor, Tensor]:
         k = samples.numel()
         hi_k = min(k, max(1, math.ceil(Fq.IFMR_PERCENTILE * k)))
-        hi = _kth_smallest(samples, hi_k).clamp(min=0.0)
+        hi = _kth_smallest(samples, hi_k, extremes).clamp(min=0.0)
         if self.fixed_min:
             lo = torch.zeros((), device=samples.device)
         else:
             lo_k = max(1, min(k, math.floor((1 - Fq.IFMR_PERCENTILE) * k) + 1))
-            lo = _kth_smallest(samples, lo_k).clamp(max=0.0)
+            lo = _kth_smallest(samples, lo_k, extremes).clamp(max=0.0)
         if collective:
             hi_lo = torch.stack([hi, -lo]).reshape(2)
             dist.all_reduce(hi_lo, op=dist.ReduceOp.MAX)
