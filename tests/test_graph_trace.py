@@ -66,6 +66,16 @@ def test_trace_frees_values_and_maps_reused_ids_correctly():
     assert df.output_ids == [nodes[-1].outputs[0]] and nodes[0].inputs == df.input_ids
 
 
+def test_scope_index_equals_a_scan_of_every_node():
+    df = trace(torchvision.models.resnet18().eval(), (torch.randn(1, 3, 32, 32),))
+    assert df.scope_nodes("layer1.0")  # a block traced through has nodes of its own
+    for name in df.module_types:
+        own = [n for n in df.nodes if n.scope == name]
+        within = [n for n in df.nodes if n.scope == name or n.scope.startswith(name + ".")]
+        assert df.scope_nodes(name) == own and df.scope_nodes(name, inner=True) == within, name
+        assert df.has_inner_scopes(name) == any(n.scope.startswith(name + ".") for n in df.nodes), name
+
+
 def test_facts_on_resnet18():
     model = torchvision.models.resnet18()
     df = trace(model, (torch.randn(1, 3, 64, 64),))

@@ -112,6 +112,38 @@ class Dataflow:
             self.__dict__["_calls_index"] = cached
         return cached[1], cached[2]
 
+    def _scopes(self) -> Tuple[Dict[str, List[Node]], Dict[str, List[str]]]:
+        """Nodes by scope, and the scopes strictly inside each module, built once per traced
+        graph (scanning every node per BatchNorm made insertion quadratic on timm models)."""
+        cached = self.__dict__.get("_scope_index")
+        if cached is None or cached[0] != len(self.nodes):
+            by_scope: Dict[str, List[Node]] = {}
+            for n in self.nodes:
+                by_scope.setdefault(n.scope, []).append(n)
+            inside: Dict[str, List[str]] = {}
+            for scope in by_scope:
+                parts = scope.split(".")
+                for i in range(1, len(parts)):
+                    inside.setdefault(".".join(parts[:i]), []).append(scope)
+            cached = (len(self.nodes), by_scope, inside)
+            self.__dict__["_scope_index"] = cached
+        return cached[1], cached[2]
+
+    def scope_nodes(self, name: str, inner: bool = False) -> List[Node]:
+        """The nodes module ``name``'s own forward made, in order; with ``inner``, also those of
+        the forwards it called (its submodules traced through)."""
+        by_scope, inside = self._scopes()
+        nodes = list(by_scope.get(name, ()))
+        if inner and name in inside:
+            for scope in inside[name]:
+                nodes.extend(by_scope[scope])
+            nodes.sort(key=lambda n: n.id)
+        return nodes
+
+    def has_inner_scopes(self, name: str) -> bool:
+        """Whether a module called inside ``name``'s forward was traced through (made nodes)."""
+        return name in self._scopes()[1]
+
     def iter_module_calls(self) -> Iterator[Node]:
         """Every module call in call order: opaque nodes and transparent calls."""
         return iter(self._calls()[0])

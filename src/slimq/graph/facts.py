@@ -101,7 +101,7 @@ def _bn_node(df: Dataflow, bn_name: str) -> Optional[Node]:
     call = calls[0]
     if not call.transparent:
         return call
-    inner = [n for n in df.nodes if n.scope == bn_name and n.target == "batch_norm"]
+    inner = [n for n in df.scope_nodes(bn_name) if n.target == "batch_norm"]
     return inner[0] if len(inner) == 1 else None
 
 
@@ -116,9 +116,9 @@ def batchnorm_tail(df: Dataflow, bn_name: str) -> Optional[Tuple[str, ...]]:
     call = calls[0]
     if not call.transparent:
         return ()
-    if any(n.scope.startswith(bn_name + ".") for n in df.nodes):
+    if df.has_inner_scopes(bn_name):
         return None  # a child with inner ops of its own
-    inner = [n for n in df.nodes if n.scope == bn_name and n.outputs]
+    inner = [n for n in df.scope_nodes(bn_name) if n.outputs]
     if not inner or inner[0].target != "batch_norm" or inner[0].is_module or inner[0].inputs[:1] != call.inputs[:1]:
         return None
     node = inner[0]
@@ -229,8 +229,8 @@ def layer_function_call(df: Dataflow, name: str) -> Optional[str]:
     calls = df.module_calls(name)
     if len(calls) != 1:
         return f"called {len(calls)} times on input_data" if calls else "not called on input_data"
-    ops = [n for n in df.nodes if not n.is_module and (n.scope == name or n.scope.startswith(name + "."))
-           and function_op(n.target).family in ("conv", "linear")]
+    ops = [n for n in df.scope_nodes(name, inner=True)
+           if not n.is_module and function_op(n.target).family in ("conv", "linear")]
     if len(ops) != 1:
         return f"its forward makes {len(ops)} conv/linear calls (one is needed)"
     node = ops[0]

@@ -13,9 +13,10 @@ entry here plus one rule in ``graph.rules``.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from torch import nn
 
@@ -160,10 +161,21 @@ _OPAQUE: Tuple[type, ...] = (
 )
 
 
+_PLAIN: "weakref.WeakKeyDictionary[type, Tuple[Any, bool]]" = weakref.WeakKeyDictionary()
+
+
 def plain_forward(cls: type) -> bool:
-    """The class runs the forward of the first ``torch.nn`` class in its MRO (no override)."""
+    """The class runs the forward of the first ``torch.nn`` class in its MRO (no override).
+    Remembered per class and forward (a trace asks once per module; a patched forward is
+    looked at again)."""
+    forward = cls.forward
+    known = _PLAIN.get(cls)
+    if known is not None and known[0] is forward:
+        return known[1]
     base = next((b for b in cls.__mro__ if b.__module__.startswith("torch.nn")), None)
-    return base is not None and cls.forward is base.forward
+    plain = base is not None and forward is base.forward
+    _PLAIN[cls] = (forward, plain)
+    return plain
 
 
 def module_type_op(cls: Optional[type]) -> Optional[Op]:

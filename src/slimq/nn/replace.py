@@ -66,7 +66,8 @@ def _plain_batchnorm(bn: nn.Module) -> nn.Module:
     if type(bn) in FOLDABLE_BATCHNORMS:
         return bn
     base = next(c for c in type(bn).__mro__ if c in FOLDABLE_BATCHNORMS)
-    plain = base(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    # built on the meta device (nothing allocated): its tensors are replaced by the subclass's
+    plain = base(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
     plain._parameters = type(plain._parameters)(bn._parameters)
     plain._buffers = type(plain._buffers)(bn._buffers)
     plain.train(bn.training)
@@ -257,10 +258,10 @@ def calibrate(model: nn.Module, inputs: ModelInputs, layers: Mapping[str, Compre
         if layer.act_quant is not None and not layer.act_shared and not layer.act_quant.is_initialized:
             handles.append(layer.register_forward_pre_hook(
                 lambda mod, args: mod.act_quant.calibrate_(args[0])))
+    inputs_of_layers = {id(layer.act_quant) for layer in layers.values() if not layer.act_shared}
     for q in pending:  # output quantizers and output points are called as modules
-        if any(q is layer.act_quant for layer in layers.values() if not layer.act_shared):
-            continue
-        handles.append(q.register_forward_pre_hook(lambda mod, args: mod.calibrate_(args[0])))
+        if id(q) not in inputs_of_layers:
+            handles.append(q.register_forward_pre_hook(lambda mod, args: mod.calibrate_(args[0])))
     try:
         with eval_mode(model), _float_pass(model):
             out = call(model, inputs)
