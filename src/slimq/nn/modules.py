@@ -112,7 +112,7 @@ class CompressedLayer(nn.Module):
 
     layer_name: str
     act_shared: bool = False  # the input arrives on this layer's grid (quantized where it is made)
-    float_pass: bool = False  # eval computes the float layer (create's calibration, nn.replace.calibrate)
+    slimq_float_pass: bool = False  # eval computes the float layer (create's calibration, nn.replace.calibrate)
 
     def output_channel_dim(self, y: Tensor) -> int:
         if isinstance(self, nn.Linear):
@@ -185,7 +185,7 @@ class CompressedLayer(nn.Module):
         """The integer-grid computation the exported models perform (see ``nn.folding``); the
         folded BatchNorm is in the divisor and the int32 bias. In a float pass: the float layer
         and its BatchNorm."""
-        if self.float_pass:
+        if self.slimq_float_pass:
             y = op(x, self.masked_weight() if weight is None else weight, self.bias)
             return self.bn(y) if self.bn is not None else y
         self.act_quant.warn_if_provisional()

@@ -234,12 +234,12 @@ def _float_pass(model: nn.Module) -> Iterator[None]:
     quantizers pass values through."""
     mods = [m for m in model.modules() if isinstance(m, (CompressedLayer, ActQuantizer))]
     for m in mods:
-        m.float_pass = True
+        m.slimq_float_pass = True
     try:
         yield
     finally:
         for m in mods:
-            del m.float_pass  # back to the class's False
+            del m.slimq_float_pass  # back to the class's False
 
 
 @torch.no_grad()

@@ -94,7 +94,7 @@ class ActQuantizer(nn.Module):
     Shapes: input any shape; ``clip_max``/``clip_min`` are ``[1]``.
     """
 
-    float_pass: bool = False  # eval passes values through (create's calibration, nn.replace.calibrate)
+    slimq_float_pass: bool = False  # eval passes values through (create's calibration, nn.replace.calibrate)
 
     def __init__(self, spec: ActQuantSpec, batch_num: int = 1, layer_name: str = "") -> None:
         super().__init__()
@@ -156,7 +156,7 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def eval_quant(self, x: Tensor) -> Tensor:
-        if self.float_pass:  # create's calibration sees the float model's values
+        if self.slimq_float_pass:  # create's calibration sees the float model's values
             return x
         self.warn_if_provisional()
         return self.grid().fake_quant(x).to(x.dtype)
