@@ -153,7 +153,8 @@ def create_compressed_retrain_model(model: nn.Module, input_data: Any, config_de
     Args:
         model: a trained ``torch.nn.Module`` (not DataParallel; wrap the result in DDP if needed).
         input_data: example inputs of one forward pass: a tuple of positional arguments, which may
-            end with a dict of keyword arguments (one real forward pass is run on them).
+            end with a dict of keyword arguments. The model runs on them twice: the trace of the
+            original and the calibrating check of the compressed model, both in eval mode.
         config_defination: path of the simple config file (protobuf text format).
         record_file: path of the record file to write.
 
