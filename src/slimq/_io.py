@@ -33,7 +33,6 @@ def check_writable_dir(path: PathLike, what: str, error: type[SlimqError] = Slim
         raise error(f"{what} '{p}': folder '{folder}' does not exist; create it first")
     if p.is_dir():
         raise error(f"{what} '{p}' is a folder; give a file path")
-    _remove_stale_temps(folder)
     try:  # os.access says yes to root even on read-only folders: really try
         with tempfile.NamedTemporaryFile(dir=folder, prefix=_private_prefix("probe")):
             pass
@@ -90,7 +89,8 @@ def _process_gone(pid: int) -> bool:
 
 
 def _remove_stale_temps(folder: Path) -> None:
-    """Temp files and staging folders left in ``folder`` by writers that were killed."""
+    """Temp files, probes and staging folders left in ``folder`` by writers that were killed
+    (called where files are written: :func:`atomic_write_bytes`, :class:`FileTransaction`)."""
     for tmp in folder.glob(".slimq-*"):
         pid = _writer_pid(tmp.name)
         if pid is None or pid == os.getpid() or not _process_gone(pid):

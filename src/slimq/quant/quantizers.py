@@ -197,9 +197,10 @@ class ActQuantizer(nn.Module):
             raise NumericalError(f"NaN or Inf in the input activations of quantized layer "
                                  f"'{self.layer_name}' while initialising its clip range")
         self._samples.append(flat)
-        samples = torch.cat(self._samples) if len(self._samples) > 1 else flat
+        several = len(self._samples) > 1  # the extremes are of this batch only
+        samples = torch.cat(self._samples) if several else flat
         collective = _distributed()
-        hi, lo = self._percentiles(samples, collective, extremes if samples is flat else None)
+        hi, lo = self._percentiles(samples, collective, None if several else extremes)
         self.init_batches += 1
         if int(self.init_batches) < self.batch_num:  # until the last init batch: the percentiles
             self.clip_max.fill_(float(hi))
